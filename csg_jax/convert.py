@@ -21,12 +21,14 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from csg_jax.errors import CheckpointError
+
 # Flax components that end in "_<digits>" but are *names* in the checkpoint, not list indices.
 _NAMES_WITH_DIGIT_SUFFIX = frozenset({"linear_1", "linear_2"})
 _INDEXED = re.compile(r"^(.*)_(\d+)$")
 
 
-class WeightConversionError(ValueError):
+class WeightConversionError(CheckpointError, ValueError):
     """A checkpoint does not fit the model it is being loaded into."""
 
 
