@@ -1,0 +1,188 @@
+"""diffusers-format model folders -> configs + Flax params (numpy only), and an Orbax cache.
+
+A folder looks like::
+
+    model_index.json
+    unet/          config.json, diffusion_pytorch_model.safetensors (or sharded *.safetensors.index.json)
+    vae/           config.json, diffusion_pytorch_model.safetensors     (absent for pixel-space models)
+    text_encoder/  config.json, model.safetensors
+    tokenizer/     vocab.json, merges.txt, ...
+    scheduler/     scheduler_config.json
+
+PyTorch ``*.bin`` weights are read only when torch is installed. Every error names the file.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from csg_jax.convert import state_dict_to_flax
+from csg_jax.errors import CheckpointError, ConfigError
+
+_WEIGHT_NAMES = {
+    "unet": ("diffusion_pytorch_model",),
+    "vae": ("diffusion_pytorch_model",),
+    "text_encoder": ("model", "pytorch_model"),
+}
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); re-download or repair the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def resolve_model_path(path_or_id: str) -> str:
+    """A local folder as is; otherwise a Hugging Face Hub repo id fetched with ``huggingface_hub``."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id):
+        raise CheckpointError(f"{path_or_id} is a file; expected a diffusers-format model folder")
+    looks_like_repo = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        raise CheckpointError(f"model folder not found: {path_or_id}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            path_or_id,
+            allow_patterns=["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "*/*.safetensors"],
+            ignore_patterns=["*fp16*", "*non_ema*", "*.ckpt"],
+        )
+    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        raise CheckpointError(
+            f"'{path_or_id}' is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download the model "
+            "(e.g. `huggingface-cli download ...`) and pass the folder instead."
+        ) from None
+
+
+def read_state_dict(component_dir: str, component: str) -> dict[str, np.ndarray]:
+    """All tensors of one component as numpy arrays (safetensors, sharded safetensors, or .bin via torch)."""
+    if not os.path.isdir(component_dir):
+        raise CheckpointError(f"missing folder: {component_dir}")
+    names = _WEIGHT_NAMES.get(component, ("diffusion_pytorch_model", "model"))
+    for name in names:
+        single = os.path.join(component_dir, f"{name}.safetensors")
+        index = single + ".index.json"
+        if os.path.isfile(single):
+            return _load_safetensors(single)
+        if os.path.isfile(index):
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            if not shards:
+                raise CheckpointError(f"{index} has an empty weight_map")
+            out: dict[str, np.ndarray] = {}
+            for shard in shards:
+                out.update(_load_safetensors(os.path.join(component_dir, shard)))
+            return out
+    bins = [os.path.join(component_dir, f"{n}.bin") for n in names]
+    bins = [b for b in bins if os.path.isfile(b)]
+    if bins:
+        return _load_torch_bin(bins[0])
+    found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(component_dir, "*")))
+    raise CheckpointError(
+        f"no weights in {component_dir}: expected {names[0]}.safetensors (or a sharded "
+        f".safetensors.index.json, or .bin); found {found or 'nothing'}"
+    )
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"missing weight file: {path}")
+    try:
+        from safetensors.numpy import load_file
+
+        raw = load_file(path)
+    except Exception as e:
+        if "bfloat16" in str(e).lower() or "bf16" in str(e).lower():
+            return _load_safetensors_bf16(path)
+        raise CheckpointError(f"cannot read {path}: {e} (truncated or not a safetensors file?)") from None
+    return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in raw.items()}
+
+
+def _load_safetensors_bf16(path: str) -> dict[str, np.ndarray]:
+    """numpy has no bfloat16; read through ml_dtypes (a jax dependency)."""
+    import ml_dtypes
+
+    out = {}
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            f.seek(base + start)
+            buf = f.read(end - start)
+            dt = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "I64": np.int64}[info["dtype"]]
+            out[key] = np.frombuffer(buf, dtype=dt).reshape(info["shape"]).astype(np.float32)
+    return out
+
+
+def _load_torch_bin(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{path} is a PyTorch .bin file; reading it needs torch. Install torch, or convert the folder "
+            "to safetensors once (e.g. with diffusers' `save_pretrained(..., safe_serialization=True)`)."
+        ) from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    return {k: v.float().numpy() for k, v in sd.items()}
+
+
+def convert_component(
+    state_dict: dict[str, np.ndarray],
+    init_template: Callable[[], Any],
+    source: str,
+    ignore=(),
+    dtype=None,
+) -> dict:
+    """Convert with a template from ``init_template()`` (an abstract param tree)."""
+    return state_dict_to_flax(state_dict, init_template(), source=source, ignore=ignore, dtype=dtype)
+
+
+def save_params_cache(cache_dir: str, params: dict, meta: dict) -> None:
+    """Save converted params with Orbax (plus a small JSON of what they came from)."""
+    import orbax.checkpoint as ocp
+
+    cache_dir = os.path.abspath(cache_dir)
+    os.makedirs(cache_dir, exist_ok=True)
+    target = os.path.join(cache_dir, "params")
+    ckpt = ocp.PyTreeCheckpointer()
+    ckpt.save(target, params, force=True)
+    tmp = os.path.join(cache_dir, "meta.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(cache_dir, "meta.json"))
+
+
+def load_params_cache(cache_dir: str):
+    """(params, meta) from :func:`save_params_cache`, or None when the cache is absent."""
+    cache_dir = os.path.abspath(cache_dir)
+    meta_path = os.path.join(cache_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        return None
+    import orbax.checkpoint as ocp
+
+    try:
+        params = ocp.PyTreeCheckpointer().restore(os.path.join(cache_dir, "params"))
+    except Exception as e:
+        raise CheckpointError(f"cannot restore the params cache in {cache_dir}: {e}. Delete the folder to rebuild it.") from None
+    return params, read_json(meta_path)

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny model folders and loaded pipelines, made once per test session.
+
+JAX compile time dominates small tests, so the expensive objects (pipelines and the jitted
+functions hanging off them) are session-scoped and shapes are kept few.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+
+import pytest
+
+from csg_jax.testing import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny_sd1")), "sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny_sd2")), "sd2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tiny_sd1_dir):
+    from csg_jax.pipeline import load_pipeline
+
+    return load_pipeline(tiny_sd1_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tiny_sd2_dir):
+    from csg_jax.pipeline import load_pipeline
+
+    return load_pipeline(tiny_sd2_dir)
