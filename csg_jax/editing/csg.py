@@ -1,0 +1,236 @@
+"""Conditional Score Guidance (Algorithm 1) as pure, jit-compiled JAX.
+
+Three scans over timesteps, each one ``lax.scan`` inside ``jit``:
+
+1. :func:`invert`       x_0 -> x_T, DDIM inversion on the source prompt (Eq. 1).
+2. :func:`source_pass`  x_T -> reconstruction, recording per step the latent x_t^src and the
+   running sums of the mask statistics (cross-attention of the source word, self-attention of
+   the finest up-block layer). Both CFG halves of the official code are identical here (the
+   negative prompt *is* the source prompt), so one UNet evaluation per step suffices.
+3. :func:`target_pass`  x_T -> edit with cross-attention mixup (Eq. 13) and conditional score
+   guidance (Eq. 14-18). The source branch's attention maps needed for the mixup are
+   recomputed from the stored x_t^src in the same batched UNet call instead of being stored
+   for every step (the official code's gigabytes), so peak memory does not grow with the
+   number of steps beyond the (N, B, h, w, C) source latents.
+
+Shapes: B images, latents (B, h, w, C), text contexts (B, 77, D), masks (B, h, w).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from csg_jax.editing.config import EditConfig
+from csg_jax.models.attention import AttentionControl, blend_probs
+from csg_jax.models.unet import LayerInfo, attention_layers
+from csg_jax.resize import resize_2d
+from csg_jax.schedule import DDIMSchedule, ddim_transfer, gamma, inversion_plan, sampling_plan
+
+
+class Knobs(NamedTuple):
+    """Float settings passed as arrays, so sweeping them does not recompile."""
+
+    guidance_scale: jax.Array  # () classifier-free guidance scale
+    posterior_guidance: jax.Array  # () lambda^pre, Eq. 15
+    delta: jax.Array  # () period of the cosine gate, Eq. 16
+
+    @classmethod
+    def from_config(cls, config: EditConfig) -> "Knobs":
+        f = lambda v: jnp.asarray(v, jnp.float32)
+        return cls(f(config.guidance_scale), f(config.posterior_guidance), f(config.delta))
+
+
+class Prompts(NamedTuple):
+    """Per-image text conditioning, batched so different prompts share one compiled function."""
+
+    source: jax.Array  # (B, 77, D) source-prompt states
+    negative: jax.Array  # (B, 77, D) negative-prompt states (official: = source)
+    target: jax.Array  # (B, 77, D) target-prompt states
+    source_columns: jax.Array  # (B, K) int32, token positions of the source word (padded)
+    source_weights: jax.Array  # (B, K) float32, 1/len(span) on the span, 0 on padding
+    ref_columns: jax.Array  # (B, 77) int32, source column used for each target column (token matching)
+
+
+class SourceStats(NamedTuple):
+    """Carry of the source pass: the latent and running sums of the mask statistics."""
+
+    latent: jax.Array  # (B, h, w, C)
+    mask_sum: jax.Array  # (B, h, w) sum over steps of per-step cross-attention masks
+    self_attn_sum: jax.Array  # (B, h*w, h*w) sum over steps of head-averaged self-attention
+
+
+class SourceResult(NamedTuple):
+    reconstruction: jax.Array  # (B, h, w, C) final latent of the source pass
+    trajectory: jax.Array  # (N, B, h, w, C) x_t^src before each step
+    mask_raw: jax.Array  # (B, h, w) M: mean cross-attention mask, clamped to [0, 1]
+    mask: jax.Array  # (B, h, w) M-hat = A . M (Eq. 11), the smoothed foreground mask
+
+
+class LayerPlan(NamedTuple):
+    mask_layers: tuple[LayerInfo, ...]  # cross layers with H*W <= mask_res^2
+    self_layer: LayerInfo  # finest self-attention: last up block, last transformer
+    cross_layers: tuple[LayerInfo, ...]  # every cross-attention layer (mixup)
+    mask_res: int
+
+
+def plan_layers(unet_config, latent_hw: tuple[int, int], mask_res: int) -> LayerPlan:
+    layers = attention_layers(unet_config, latent_hw)
+    cross = tuple(l for l in layers if l.kind == "cross")
+    mask_layers = tuple(l for l in cross if l.resolution[0] * l.resolution[1] <= mask_res * mask_res)
+    if not mask_layers:
+        coarsest = min(l.resolution[0] for l in cross)
+        raise ValueError(f"mask_res={mask_res} is below the coarsest cross-attention resolution {coarsest}")
+    self_layer = [l for l in layers if l.kind == "self"][-1]
+    return LayerPlan(mask_layers, self_layer, cross, mask_res)
+
+
+def _unet(pipe, params, x, t, ctx, control=None):
+    out, records = pipe.unet.apply({"params": params["unet"]}, x, t, ctx, control)
+    return out.astype(jnp.float32), records
+
+
+def invert(pipe, params, x0, source_ctx, schedule: DDIMSchedule, variant: str = "standard"):
+    """DDIM inversion (Eq. 1) of scaled latents x0 (B, h, w, C) on the source prompt, no CFG."""
+    plan = inversion_plan(schedule, variant)
+
+    def step(x, xs):
+        t, a_from, a_to = xs
+        out, _ = _unet(pipe, params, x, t, source_ctx)
+        return ddim_transfer(out, x, a_from, a_to, schedule.prediction_type), None
+
+    x_T, _ = jax.lax.scan(step, x0.astype(jnp.float32), plan)
+    return x_T
+
+
+def step_mask(records: dict, prompts: Prompts, layers: LayerPlan, latent_hw) -> jax.Array:
+    """Per-step cross-attention mask (B, h, w), in the official order of operations:
+    token column -> upsample each layer bicubically to mask_res -> average over layers ->
+    divide by the max -> upsample bicubically to the latent size (may overshoot; no clamp)."""
+    r = layers.mask_res
+    maps = []
+    for layer in layers.mask_layers:
+        cols = records[layer.name]  # (B, Q, K) head-mean of the source word's columns
+        m = jnp.einsum("bqk,bk->bq", cols, prompts.source_weights).reshape(-1, *layer.resolution)
+        if layer.resolution != (r, r):
+            m = resize_2d(m, (r, r), "bicubic")
+        maps.append(m)
+    m = jnp.mean(jnp.stack(maps), axis=0)
+    m = m / jnp.max(m, axis=(1, 2), keepdims=True)
+    return resize_2d(m, tuple(latent_hw), "bicubic")
+
+
+def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, layers: LayerPlan) -> SourceResult:
+    """Reverse DDIM on the source prompt, recording what the mask and the guidance need."""
+    b, h, w, _ = x_T.shape
+    record = tuple((l.name, "token_mean") for l in layers.mask_layers) + ((layers.self_layer.name, "head_mean"),)
+    control = AttentionControl(record=record, token_columns=prompts.source_columns)
+    timesteps, alpha_t, alpha_prev = sampling_plan(schedule)
+
+    def step(carry: SourceStats, xs):
+        t, a_t, a_prev = xs
+        out, rec = _unet(pipe, params, carry.latent, t, prompts.source, control)
+        nxt = ddim_transfer(out, carry.latent, a_t, a_prev, schedule.prediction_type)
+        stats = SourceStats(
+            nxt,
+            carry.mask_sum + step_mask(rec, prompts, layers, (h, w)).astype(jnp.float32),
+            carry.self_attn_sum + rec[layers.self_layer.name].astype(jnp.float32),
+        )
+        return stats, carry.latent
+
+    init = SourceStats(x_T.astype(jnp.float32), jnp.zeros((b, h, w)), jnp.zeros((b, h * w, h * w)))
+    final, trajectory = jax.lax.scan(step, init, (timesteps, alpha_t, alpha_prev))
+    n = timesteps.shape[0]
+    mask_raw = jnp.clip(final.mask_sum / n, 0.0, 1.0)
+    self_attn = final.self_attn_sum / n
+    mask = jnp.einsum("bpj,bj->bp", self_attn, mask_raw.reshape(b, h * w)).reshape(b, h, w)  # Eq. 11
+    return SourceResult(final.latent, trajectory, mask_raw, mask)
+
+
+def mixup_weights(mask: jax.Array, layers: LayerPlan) -> dict:
+    """Per cross layer, the foreground weight of Eq. 13: M-hat resized bilinearly to the layer's
+    resolution and divided by its own max (official). (B, h, w) -> {name: (B, Q)}."""
+    out = {}
+    for layer in layers.cross_layers:
+        m = resize_2d(mask, layer.resolution, "bilinear")
+        m = m / jnp.max(m, axis=(1, 2), keepdims=True)
+        out[layer.name] = m.reshape(m.shape[0], -1)
+    return out
+
+
+def guidance_gate(step_index, num_steps: int, background: jax.Array, delta) -> jax.Array:
+    """B_t of Eq. 16 with the official loop index: 1[P >= 1 - max(cos(pi i / (delta (N-1))), 0)]."""
+    c = jnp.maximum(jnp.cos(jnp.pi * step_index / (delta * (num_steps - 1))), 0.0)
+    return (background >= 1.0 - c).astype(background.dtype)
+
+
+def target_pass(pipe, params, x_T, prompts: Prompts, source: SourceResult, schedule: DDIMSchedule,
+                layers: LayerPlan, config: EditConfig, knobs: Knobs) -> jax.Array:
+    """Reverse process of the edit; returns the final latent (B, h, w, C)."""
+    b = x_T.shape[0]
+    timesteps, alpha_t, alpha_prev = sampling_plan(schedule)
+    n = timesteps.shape[0]
+    background = (1.0 - source.mask)[..., None]  # P^src, Eq. 12, (B, h, w, 1)
+    pair_ctx = jnp.concatenate([prompts.negative, prompts.target])
+    if config.uses_mixup:
+        weights = mixup_weights(source.mask, layers)
+        triple_ctx = jnp.concatenate([prompts.source, pair_ctx])
+        pair_cols = jnp.concatenate([prompts.ref_columns, prompts.ref_columns])
+        pair_weights = {k: jnp.concatenate([v, v]) for k, v in weights.items()}
+        if config.mixup == "single-pass":
+            ones = {k: jnp.ones_like(v) for k, v in weights.items()}
+            identity = jnp.broadcast_to(jnp.arange(prompts.ref_columns.shape[1]), prompts.ref_columns.shape)
+            live_mix = AttentionControl(
+                mix={k: jnp.concatenate([ones[k], pair_weights[k]]) for k in weights},
+                mix_ref_rows=jnp.tile(jnp.arange(b), 3),
+                mix_ref_columns=jnp.concatenate([identity, pair_cols]).astype(jnp.int32),
+            )
+        record_all = AttentionControl(record=tuple((l.name, "probs") for l in layers.cross_layers))
+
+    def model_output(x_tgt, x_src, t):
+        """CFG output of the target branch (Eq. 13 mixup when enabled)."""
+        pair_x = jnp.concatenate([x_tgt, x_tgt])
+        if not config.uses_mixup:
+            out, _ = _unet(pipe, params, pair_x, t, pair_ctx)
+        elif config.mixup == "single-pass":
+            out, _ = _unet(pipe, params, jnp.concatenate([x_src, pair_x]), t, triple_ctx, live_mix)
+            out = out[b:]
+        else:  # two-pass (official): record live maps, mix with the source branch's, run again
+            _, rec = _unet(pipe, params, jnp.concatenate([x_src, pair_x]), t, triple_ctx, record_all)
+            inject = {
+                name: blend_probs(p[b:], jnp.concatenate([p[:b], p[:b]]), pair_weights[name], pair_cols)
+                for name, p in rec.items()
+            }
+            out, _ = _unet(pipe, params, pair_x, t, pair_ctx, AttentionControl(inject=inject))
+        uncond, cond = out[:b], out[b:]
+        return uncond + knobs.guidance_scale * (cond - uncond)
+
+    def step(x_tgt, xs):
+        i, t, a_t, a_prev, x_src = xs
+        x_prev = ddim_transfer(model_output(x_tgt, x_src, t), x_tgt, a_t, a_prev, schedule.prediction_type)
+        if config.uses_guidance:  # Eq. 14-18: pull the background toward the source trajectory
+            omega = knobs.posterior_guidance * background * guidance_gate(i, n, background, knobs.delta)
+            x_prev = x_prev - gamma(a_t, a_prev) * omega * (x_tgt - x_src)
+        return x_prev, None
+
+    xs = (jnp.arange(n), timesteps, alpha_t, alpha_prev, source.trajectory)
+    edited, _ = jax.lax.scan(step, x_T.astype(jnp.float32), xs)
+    return edited
+
+
+def unet_evaluations_per_step(config: EditConfig) -> dict:
+    """UNet image-evaluations per image per step of each phase (for benchmarks and meta.json)."""
+    target = {"ddim": 2, "csg-no-mixup": 2}.get(config.method)
+    if target is None:
+        target = 3 if config.mixup == "single-pass" else 5
+    return {"inversion": 1, "source": 1, "target": target}
+
+
+def unet_evaluations(config: EditConfig) -> int:
+    per = unet_evaluations_per_step(config)
+    n = config.num_steps
+    inv = n - 2 if config.inversion == "official" else n
+    return per["inversion"] * inv + per["source"] * n + per["target"] * n
+
