@@ -1,0 +1,214 @@
+"""``python -m csg_jax.translate``: edit a photo with text (CSG and its ablations).
+
+Example::
+
+    python -m csg_jax.translate --image cat.png --prompt "a photo of a cat" --task cat2dog --out out/cat2dog
+
+Writes ``edit.png``, ``reconstruction.png``, ``mask.png`` (smoothed, Eq. 11), ``mask_raw.png``,
+``grid.png`` (source | mask overlay | reconstruction | edit) and ``meta.json`` into ``--out``;
+the folder appears only when everything is written (no partial output on failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+from csg_jax.errors import CSGError
+
+EMBEDDED = "embedded"
+DEMO_PROMPT = "a red circle on a blue background"
+DEMO_TASK = "circle2square"
+
+
+def embedded_model_dir() -> str:
+    """The default model: made once (deterministically) under $CSG_JAX_HOME or ~/.cache/csg_jax."""
+    from csg_jax.testing import make_tiny_model
+
+    home = os.environ.get("CSG_JAX_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "csg_jax")
+    folder = os.path.join(home, "models", "tiny-sd1-v1")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        tmp = folder + f".partial-{os.getpid()}"
+        make_tiny_model(tmp, "sd1", seed=0)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process made it first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def demo_image(size: int) -> np.ndarray:
+    """A red circle on a blue gradient background, (size, size, 3) uint8."""
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    img = np.stack([0.1 + 0.1 * xx, 0.2 + 0.2 * yy, 0.7 + 0.2 * xx], -1)
+    inside = (xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.28**2
+    img[inside] = [0.85, 0.1, 0.1]
+    return (img * 255).astype(np.uint8)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m csg_jax.translate",
+        description="Text-driven image-to-image translation with Conditional Score Guidance (CSG, NeurIPS 2023).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_argument_group("input")
+    src.add_argument("--image", help="source image (any format/mode PIL reads; resized/cropped to fit the model)")
+    src.add_argument("--demo", action="store_true",
+                     help=f"use a built-in synthetic image with prompt {DEMO_PROMPT!r} and task {DEMO_TASK!r}")
+    src.add_argument("--prompt", help="source prompt describing the image, e.g. 'a photo of a cat'")
+    tgt = src.add_mutually_exclusive_group()
+    tgt.add_argument("--task", help="'<source word>2<target words>', e.g. cat2dog or 'dog2dog with glasses'")
+    tgt.add_argument("--target-prompt", help="the full target prompt (instead of --task)")
+    src.add_argument("--source-word", help="word of the source prompt to edit (only with --target-prompt; default: first differing word)")
+    src.add_argument("--inversion", metavar="FILE.npy", help="reuse an inverted latent saved with --save-inversion")
+    src.add_argument("--size", type=int, help="short side the image is resized to (default: the model's native size)")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=EMBEDDED,
+                   help="diffusers-format folder, Hub id (needs network) or 'embedded' (a small model made on first use)")
+    m.add_argument("--cache", help="Orbax folder caching converted params (pods: convert once)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="activation dtype")
+
+    e = p.add_argument_group("method")
+    e.add_argument("--config", help="YAML with edit settings (configs/*.yaml); flags override it")
+    e.add_argument("--method", choices=["csg", "csg-no-mixup", "ddim"], help="csg (default), csg without mixup, or plain DDIM (Eq. 3)")
+    e.add_argument("--steps", type=int, help="DDIM steps (default 50)")
+    e.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 5.0)")
+    e.add_argument("--posterior-guidance", type=float, help="lambda of the conditional score guidance, Eq. 15 (default 10)")
+    e.add_argument("--negative", choices=["source", "empty"], help="negative prompt: the source prompt (official) or empty")
+    e.add_argument("--mask-res", type=int, help="cross-attention resolution used for the mask (default latent size / 4)")
+    e.add_argument("--delta", type=float, help="period of the cosine gate, Eq. 16 (default 1.5)")
+    e.add_argument("--inversion-variant", choices=["standard", "official"], help="DDIM inversion: standard or the authors' N-2 step variant")
+    e.add_argument("--encode", choices=["mean", "sample"], help="VAE posterior mean (deterministic) or a seeded sample (official)")
+    e.add_argument("--mixup", choices=["two-pass", "single-pass"], help="cross-attention mixup: official two passes or one pass")
+    e.add_argument("--seed", type=int, help="seed (used by --encode sample)")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="out/translate", help="output folder (replaced atomically)")
+    o.add_argument("--save-inversion", action="store_true", help="also write inversion.npy (x_T) for later edits")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def edit_config_from_args(args):
+    from csg_jax.editing.config import EditConfig
+
+    config = EditConfig.from_yaml(args.config) if args.config else EditConfig()
+    overrides = {
+        "method": args.method, "num_steps": args.steps, "guidance_scale": args.guidance_scale,
+        "posterior_guidance": args.posterior_guidance, "negative_prompt": args.negative, "mask_res": args.mask_res,
+        "delta": args.delta, "inversion": args.inversion_variant, "encode": args.encode, "mixup": args.mixup,
+        "seed": args.seed, "dtype": args.dtype if args.dtype != "float32" else None,
+    }
+    return config.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def run(args) -> str:
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from csg_jax import io
+    from csg_jax.editing.editor import image_multiple, translate_image
+    from csg_jax.errors import ImageError, PromptError
+    from csg_jax.pipeline import load_pipeline, model_summary
+
+    if args.demo:
+        args.prompt = args.prompt or DEMO_PROMPT
+        if not args.task and not args.target_prompt:
+            args.task = DEMO_TASK
+    if not args.prompt:
+        raise PromptError("--prompt is required: describe the source image, e.g. --prompt 'a photo of a cat'")
+    if not args.task and not args.target_prompt:
+        raise PromptError("give --task (e.g. cat2dog) or --target-prompt")
+    if not args.image and not args.demo and not args.inversion:
+        raise ImageError("give --image PATH (or --demo, or --inversion FILE.npy)")
+    config = edit_config_from_args(args)
+
+    phases = tqdm(total=4, disable=args.quiet, desc="load model", bar_format="{desc:<22}{bar}| {n}/{total} [{elapsed}]")
+    t0 = time.perf_counter()
+    model = embedded_model_dir() if args.model == EMBEDDED else args.model
+    pipe = load_pipeline(model, dtype=getattr(jnp, config.dtype), cache=args.cache)
+    load_s = time.perf_counter() - t0
+    phases.update()
+    phases.set_description("read image")
+    native = pipe.unet.config.sample_size * pipe.downsample
+    size = args.size or native
+    notices, image, inverted = [], None, None
+    if args.inversion:
+        try:
+            inverted = np.load(args.inversion)
+        except (OSError, ValueError) as e:
+            raise ImageError(f"cannot read the inversion file {args.inversion}: {e}") from None
+    elif args.demo and not args.image:
+        image = demo_image(size - size % image_multiple(pipe))
+    else:
+        image, notices = io.load_image(args.image, size, image_multiple(pipe))
+    for n in notices:
+        tqdm.write(f"note: {n}", file=sys.stderr)
+    phases.update()
+    phases.set_description(f"{config.method} edit (compile+run)")
+    result = translate_image(pipe, image, args.prompt, task=args.task, target_prompt=args.target_prompt,
+                             config=config, inverted=inverted, source_word=args.source_word)
+    for w in result.plan.warnings:
+        tqdm.write(f"warning: {w}", file=sys.stderr)
+    phases.update()
+    phases.set_description("write outputs")
+
+    with io.StagedDir(args.out) as stage:
+        j = lambda name: os.path.join(stage.path, name)
+        h, w = result.edit.shape[:2]
+        mask_img = io.mask_to_image(result.mask, (h, w))
+        io.save_png(j("edit.png"), io.to_uint8(result.edit))
+        io.save_png(j("reconstruction.png"), io.to_uint8(result.reconstruction))
+        io.save_png(j("mask.png"), mask_img)
+        io.save_png(j("mask_raw.png"), io.mask_to_image(result.mask_raw, (h, w)))
+        source = result.source_image if result.source_image is not None else result.reconstruction
+        io.save_png(j("grid.png"), io.grid([source, io.overlay(source, mask_img), result.reconstruction, result.edit],
+                                           ["source", "mask", "reconstruction", "edit"]))
+        if args.save_inversion:
+            io.save_npy(j("inversion.npy"), result.inverted)
+        from csg_jax.editing.csg import unet_evaluations, unet_evaluations_per_step
+
+        meta = {
+            "settings": dataclasses.asdict(config),
+            "prompts": result.plan.to_dict(),
+            "model": {k: v for k, v in model_summary(pipe).items() if k != "unet"},
+            "image": {"path": args.image, "demo": bool(args.demo and not args.image), "notices": notices,
+                      "inversion_file": args.inversion, "size": [h, w]},
+            "unet_evaluations": {"per_step": unet_evaluations_per_step(config), "total": unet_evaluations(config)},
+            "timings_s": {"load": load_s, **result.timings},
+        }
+        io.save_json(j("meta.json"), meta)
+        out = stage.commit()
+    phases.update()
+    phases.close()
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = run(args)
+    except CSGError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        return 130
+    print(f"wrote {out}: edit.png, reconstruction.png, mask.png, mask_raw.png, grid.png, meta.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
