@@ -47,6 +47,7 @@ class Pipeline:
     params: dict
     scaling_factor: float
     source: str = ""
+    defaults: dict = dataclasses.field(default_factory=dict)  # model-recommended edit settings, e.g. mask_res
 
     @property
     def kind(self) -> str:
@@ -197,7 +198,8 @@ def load_pipeline(path_or_id: str, dtype: Any = jnp.float32, param_dtype: Any = 
         if cache:
             weights.save_params_cache(cache, params, {"fingerprint": fingerprint, "source": os.path.abspath(folder)})
         params = jax.tree.map(jnp.asarray, params)
-    return Pipeline(unet, text, vae, _load_tokenizer(folder), sched_cfg, params, scaling, source=folder)
+    defaults = {k: ours[k] for k in ("mask_res",) if k in ours}
+    return Pipeline(unet, text, vae, _load_tokenizer(folder), sched_cfg, params, scaling, source=folder, defaults=defaults)
 
 
 def _fingerprint(folder: str) -> str:

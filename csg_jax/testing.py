@@ -98,37 +98,55 @@ def tiny_configs(variant: str = "sd1", vocab_size: int = 1000) -> dict:
 
 def _sharpen_and_perturb(params: dict, rng: np.random.RandomState, qk_scale: float, noise: float) -> dict:
     """Scale attention query/key kernels (non-uniform maps) and give norms/biases non-trivial values."""
-    flat = flatten(jax.tree.map(np.asarray, params))
-    out = {}
-    for path, v in flat.items():
-        v = np.array(v, dtype=np.float32)
-        if path[-1] == "kernel" and path[-2] in ("to_q", "to_k", "q_proj", "k_proj"):
-            v = v * qk_scale
-        elif path[-1] in ("bias", "scale"):
-            v = v + noise * rng.standard_normal(v.shape).astype(np.float32)
-        out[path] = v
-    return unflatten(out)
+
+    def fix(path, v):
+        names = [getattr(k, "key", str(k)) for k in path]
+        if names[-1] == "kernel" and names[-2] in ("to_q", "to_k", "q_proj", "k_proj"):
+            return v * qk_scale
+        if names[-1] in ("bias", "scale") and noise:
+            return v + noise * rng.standard_normal(v.shape).astype(np.float32)
+        return v
+
+    return jax.tree_util.tree_map_with_path(fix, params)
+
+
+def random_params(template: dict, rng: np.random.RandomState) -> dict:
+    """LeCun-normal kernels/embeddings, unit scales, zero biases for an abstract param tree.
+
+    Plain numpy: no compilation of ``init`` (minutes for SD-sized models on a small CPU), and the
+    values do not depend on the JAX version, so the embedded model is the same everywhere.
+    """
+
+    def draw(path, leaf):
+        name = getattr(path[-1], "key", str(path[-1]))
+        shape = tuple(leaf.shape)
+        if name == "scale":
+            return np.ones(shape, np.float32)
+        if name == "bias":
+            return np.zeros(shape, np.float32)
+        fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, template)
 
 
 def init_params(configs: dict, seed: int = 0, qk_scale: float = 2.0, noise: float = 0.05) -> dict:
-    """Random Flax params for each component of :func:`tiny_configs` (or any such configs)."""
-    key = jax.random.PRNGKey(seed)
-    k_unet, k_vae, k_text = jax.random.split(key, 3)
-    ucfg = UNetConfig.from_dict(configs["unet"])
-    unet = UNet2DConditionModel(ucfg)
-    unet_params = unet.init(k_unet, jnp.zeros((1, 8, 8, ucfg.in_channels)), jnp.zeros((1,)),
-                            jnp.zeros((1, 77, ucfg.cross_attention_dim)))["params"]
-    text = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
-    text_params = text.init(k_text, jnp.zeros((1, 77), jnp.int32))["params"]
+    """Random Flax params (numpy) for each component of :func:`tiny_configs` (or any such configs)."""
+    key = jax.random.PRNGKey(0)
     rng = np.random.RandomState(seed)
+    ucfg = UNetConfig.from_dict(configs["unet"])
+    unet_t = jax.eval_shape(UNet2DConditionModel(ucfg).init, key, jnp.zeros((1, 8, 8, ucfg.in_channels)),
+                            jnp.zeros((1,)), jnp.zeros((1, 77, ucfg.cross_attention_dim)))["params"]
+    text_t = jax.eval_shape(CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])).init, key,
+                            jnp.zeros((1, 77), jnp.int32))["params"]
     params = {
-        "unet": _sharpen_and_perturb(unet_params, rng, qk_scale, noise),
-        "text_encoder": _sharpen_and_perturb(text_params, rng, qk_scale, noise),
+        "unet": _sharpen_and_perturb(random_params(unet_t, rng), rng, qk_scale, noise),
+        "text_encoder": _sharpen_and_perturb(random_params(text_t, rng), rng, qk_scale, noise),
     }
     if configs.get("vae") is not None:
         vcfg = VAEConfig.from_dict(configs["vae"])
-        vae_params = AutoencoderKL(vcfg).init(k_vae, jnp.zeros((1, 16, 16, vcfg.in_channels)))["params"]
-        params["vae"] = _sharpen_and_perturb(vae_params, rng, 1.0, noise)
+        vae_t = jax.eval_shape(AutoencoderKL(vcfg).init, key, jnp.zeros((1, 16, 16, vcfg.in_channels)))["params"]
+        params["vae"] = _sharpen_and_perturb(random_params(vae_t, rng), rng, 1.0, noise)
     return params
 
 
@@ -186,3 +204,39 @@ def make_tiny_model(folder: str, variant: str = "sd1", seed: int = 0, words=DEFA
 def _write_json(path: str, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
+
+
+def sd15_configs(vocab_size: int = 1000) -> dict:
+    """Stable Diffusion 1.5's architecture (UNet 320/640/1280/1280, VAE f=8, CLIP ViT-L/14 text
+    encoder) with a small vocabulary: for benchmarks and shape tests with random weights."""
+    unet = UNetConfig().to_dict()
+    vae = {
+        "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+        "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215, "act_fn": "silu",
+    }
+    text = {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": vocab_size,
+        "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+        "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 768,
+    }
+    return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": dict(SD1_SCHEDULER)}
+
+
+def make_random_pipeline(configs: dict, seed: int = 0, words=DEFAULT_WORDS, dtype=jnp.float32):
+    """A :class:`~csg_jax.pipeline.Pipeline` with random weights, built in memory (no weight files)."""
+    import tempfile
+
+    from csg_jax.pipeline import Pipeline, _load_tokenizer
+    from csg_jax.schedule import SchedulerConfig
+
+    tmp = tempfile.mkdtemp(prefix="csg_jax_tok_")
+    vocab = write_clip_tokenizer(os.path.join(tmp, "tokenizer"), words)
+    configs = dict(configs, text_encoder=dict(configs["text_encoder"], vocab_size=vocab))
+    params = jax.tree.map(jnp.asarray, init_params(configs, seed=seed, noise=0.0))
+    unet = UNet2DConditionModel(UNetConfig.from_dict(configs["unet"]), dtype=dtype)
+    text = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]), dtype=dtype)
+    vae = AutoencoderKL(VAEConfig.from_dict(configs["vae"]), dtype=dtype) if configs.get("vae") else None
+    return Pipeline(unet, text, vae, _load_tokenizer(tmp), SchedulerConfig.from_dict(configs["scheduler"]), params,
+                    0.18215, source=f"random:{seed}")

@@ -59,7 +59,7 @@ class SourceStats(NamedTuple):
 
     latent: jax.Array  # (B, h, w, C)
     mask_sum: jax.Array  # (B, h, w) sum over steps of per-step cross-attention masks
-    self_attn_sum: jax.Array  # (B, h*w, h*w) sum over steps of head-averaged self-attention
+    self_attn_sum: jax.Array  # (B, Q, Q) sum over steps of head-averaged self-attention (Q = h*w in SD)
 
 
 class SourceResult(NamedTuple):
@@ -140,12 +140,18 @@ def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, lay
         )
         return stats, carry.latent
 
-    init = SourceStats(x_T.astype(jnp.float32), jnp.zeros((b, h, w)), jnp.zeros((b, h * w, h * w)))
+    q = layers.self_layer.resolution[0] * layers.self_layer.resolution[1]
+    init = SourceStats(x_T.astype(jnp.float32), jnp.zeros((b, h, w)), jnp.zeros((b, q, q)))
     final, trajectory = jax.lax.scan(step, init, (timesteps, alpha_t, alpha_prev))
     n = timesteps.shape[0]
     mask_raw = jnp.clip(final.mask_sum / n, 0.0, 1.0)
     self_attn = final.self_attn_sum / n
-    mask = jnp.einsum("bpj,bj->bp", self_attn, mask_raw.reshape(b, h * w)).reshape(b, h, w)  # Eq. 11
+    sh, sw = layers.self_layer.resolution
+    if (sh, sw) == (h, w):
+        mask = jnp.einsum("bpj,bj->bp", self_attn, mask_raw.reshape(b, h * w)).reshape(b, h, w)  # Eq. 11
+    else:  # finest self-attention coarser than the latent (not SD): smooth at its resolution
+        coarse = resize_2d(mask_raw, (sh, sw), "bilinear").reshape(b, sh * sw)
+        mask = resize_2d(jnp.einsum("bpj,bj->bp", self_attn, coarse).reshape(b, sh, sw), (h, w), "bicubic")
     return SourceResult(final.latent, trajectory, mask_raw, mask)
 
 

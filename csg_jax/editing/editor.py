@@ -163,7 +163,8 @@ class Editor:
         self.config = static_config(config)
         self.latent_hw = tuple(latent_hw)
         self.schedule = make_schedule(pipe.scheduler_config, config.num_steps)
-        self.layers = csg.plan_layers(pipe.unet.config, self.latent_hw, config.mask_resolution(self.latent_hw))
+        mask_res = config.mask_res or pipe.defaults.get("mask_res") or config.mask_resolution(self.latent_hw)
+        self.layers = csg.plan_layers(pipe.unet.config, self.latent_hw, int(mask_res))
         self.trace_counts = {"encode": 0, "invert": 0, "edit": 0, "decode": 0}
         self._encode = jax.jit(self._encode_impl)
         self._invert = jax.jit(self._invert_impl)
