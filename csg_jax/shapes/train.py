@@ -1,0 +1,903 @@
+"""Train a small Stable-Diffusion-shaped text-to-image model on the shapes world, in pixel space.
+
+The model is the real thing in miniature: our :class:`~csg_jax.models.unet.UNet2DConditionModel`
+and :class:`~csg_jax.models.clip_text.CLIPTextModel`, trained jointly from scratch, exported in
+the diffusers on-disk format with ``model_index.json`` declaring ``"csg_jax": {"kind": "pixel"}``
+(no VAE: the "latent" is the 32x32 RGB image in [-1, 1] times ``SCALING_FACTOR``), so
+:func:`csg_jax.pipeline.load_pipeline` and the CSG editor load it like any SD checkpoint.
+
+Choices that made a prototype follow the caption (with raw [-1, 1] pixels, SD betas and epsilon
+prediction it ignored the text):
+
+* images are scaled by 0.18215 like SD latents: at SD's betas, unscaled pixels stay readable at
+  almost every timestep, so denoising never has to consult the caption;
+* v-prediction (well-conditioned at both ends of the schedule);
+* the text encoder's token embeddings start with std 1 (Flax's default 1/sqrt(64) makes all
+  captions look alike to a freshly initialised UNet);
+* classifier-free-guidance dropout: the caption is replaced by "" with probability 0.1.
+
+Data: a pool of ``pool_size`` scenes is rendered once (numpy, in worker processes, overlapped
+with compilation), kept on the device as uint8, and each step draws a batch from it on device.
+Captions come from a fixed set of 280, tokenized once into a table; each pool image stores its
+row. Nothing crosses the host-device boundary per step.
+
+Entry point: :func:`train` (``scripts/train_shapes.py`` is its CLI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from csg_jax.shapes import world
+from csg_jax.tokenizer_files import DEFAULT_WORDS, build_vocab_and_merges, write_clip_tokenizer
+
+SCALING_FACTOR = 0.18215
+IMAGE_SIZE = 32
+EMPTY_ROW = 0  # row of "" in the caption table (the unconditional caption)
+CHUNK = 256  # scenes rendered per worker task
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (saved with each checkpoint)."""
+
+    batch_size: int = 32
+    steps: int = 30000  # most steps to train; also the LR schedule's horizon unless fitted to the budget
+    pool_size: int = 100_000
+    seed: int = 0
+    lr: float = 3e-4
+    warmup_steps: int = 500
+    final_lr_fraction: float = 0.1  # cosine decays to lr * this at the horizon
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    p_uncond: float = 0.1  # classifier-free-guidance caption dropout
+    token_embed_std: float = 1.0
+    dtype: str = "float32"  # activation dtype: float32 or bfloat16 (params and loss stay float32)
+    remat: str = "auto"  # rematerialisation: auto | off | attention | full (see REMAT_MODES)
+
+
+def shapes_words() -> list[str]:
+    """Tokenizer words: every shapes-world word (one token each) plus the default demo words."""
+    return sorted(set(world.VOCABULARY) | set(DEFAULT_WORDS))
+
+
+def model_configs(vocab_size: Optional[int] = None) -> dict:
+    """config.json contents of each component (diffusers / transformers field names)."""
+    if vocab_size is None:
+        vocab_size = len(build_vocab_and_merges(shapes_words())[0])
+    unet = {
+        "_class_name": "UNet2DConditionModel",
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": [32, 64, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 2,
+        "attention_head_dim": 4,  # diffusers quirk: this is the number of heads
+        "cross_attention_dim": 64,
+        "use_linear_projection": False,
+        "upcast_attention": False,
+        "norm_num_groups": 8,
+        "norm_eps": 1e-5,
+        "sample_size": IMAGE_SIZE,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+    text = {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": int(vocab_size),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 64,
+    }
+    scheduler = {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "steps_offset": 1,
+        "set_alpha_to_one": False,
+        "clip_sample": False,
+        "prediction_type": "v_prediction",
+    }
+    return {"unet": unet, "text_encoder": text, "scheduler": scheduler}
+
+
+# --------------------------------------------------------------------------------------
+# Data: scene pool (worker processes) and caption table
+# --------------------------------------------------------------------------------------
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """Seed of pool chunk ``index``: distinct per (seed, index), independent of the worker count."""
+    return seed * 1_000_003 + index
+
+
+def render_chunk(task: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+    """Worker: (seed, n) -> (images uint8 (n, 32, 32, 3), captions). Numpy only (runs in a
+    spawned process, which must not need JAX)."""
+    seed, n = task
+    batch = world.make_batch(seed, n, size=IMAGE_SIZE, split="train")
+    return batch["images"], batch["captions"]
+
+
+class PoolJob:
+    """Renders the scene pool in the background (spawned worker processes) while the caller
+    compiles; :meth:`result` waits and returns ``(images (N, 32, 32, 3) uint8, captions)``.
+
+    Spawn, not fork: the parent has JAX's threads running and a forked child could deadlock.
+    """
+
+    def __init__(self, size: int, seed: int, workers: Optional[int] = None, chunk: int = CHUNK):
+        self.size = int(size)
+        self.tasks = [(chunk_seed(seed, i), min(chunk, self.size - i * chunk))
+                      for i in range(math.ceil(self.size / chunk))]
+        if workers is None:
+            workers = (os.cpu_count() or 2) - 1  # leave one core to the compiler
+        self.workers = max(1, min(int(workers), len(self.tasks)))
+        self.start = time.perf_counter()
+        self._pool = None
+        self._async = None
+        try:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ctx.Pool(self.workers)
+            self._async = self._pool.map_async(render_chunk, self.tasks, chunksize=1,
+                                               callback=self._finished)
+        except Exception as e:  # no processes (sandbox): render in this process in result()
+            print(f"[pool] worker processes unavailable ({e}); rendering in-process", flush=True)
+            self._pool = None
+        self.seconds: Optional[float] = None  # start to last scene rendered (not to result())
+
+    def _finished(self, _):
+        self.seconds = time.perf_counter() - self.start
+
+    def result(self) -> tuple[np.ndarray, list[str]]:
+        if self._pool is not None:
+            try:
+                parts = self._async.get()
+            finally:
+                self._pool.close()
+                self._pool.join()
+        else:
+            parts = [render_chunk(t) for t in self.tasks]
+        images = np.concatenate([p[0] for p in parts])
+        captions = [c for p in parts for c in p[1]]
+        if self.seconds is None:
+            self.seconds = time.perf_counter() - self.start
+        return images, captions
+
+
+def all_captions() -> list[str]:
+    """"" (row 0) then every caption the world can produce (5 shapes x 8 colours x 7 backgrounds)."""
+    out = [""]
+    for shape in world.SHAPES:
+        for color in world.COLOR_NAMES:
+            for bg in world.COLOR_NAMES:
+                if bg != color:
+                    out.append(world.caption(world.Scene(shape, color, bg, 0.5, 0.5, 0.3, 0.0, (0.0, 0.0), 0)))
+    return out
+
+
+def load_tokenizer(folder: str):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def tokenize(tokenizer, captions: list[str], max_length: int = 77) -> np.ndarray:
+    """(K, 77) int32 ids, padded / truncated exactly like :meth:`csg_jax.pipeline.Pipeline.tokenize`."""
+    ids = tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True,
+                    return_tensors="np")["input_ids"]
+    return np.asarray(ids, dtype=np.int32)
+
+
+def caption_rows(captions: list[str], table_captions: list[str]) -> np.ndarray:
+    """Row of each caption in the caption table, (N,) int32."""
+    index = {c: i for i, c in enumerate(table_captions)}
+    try:
+        return np.array([index[c] for c in captions], np.int32)
+    except KeyError as e:
+        raise ValueError(f"caption {e} is not in the caption table") from None
+
+
+# --------------------------------------------------------------------------------------
+# Model, optimizer, state
+# --------------------------------------------------------------------------------------
+
+
+def build_models(configs: dict, dtype: str = "float32"):
+    """(unet, text_encoder) Flax modules; ``dtype`` is the activation dtype, params stay fp32."""
+    import jax.numpy as jnp
+
+    from csg_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+    from csg_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    act = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    unet = UNet2DConditionModel(UNetConfig.from_dict(configs["unet"]), dtype=act)
+    text = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]), dtype=act)
+    return unet, text
+
+
+def param_shapes(unet, text) -> dict:
+    """Abstract params ``{"unet", "text_encoder"}`` (shapes only: tracing, no computation)."""
+    import jax
+    import jax.numpy as jnp
+
+    c = unet.config
+    key = jax.random.key(0)
+    unet_shapes = jax.eval_shape(unet.init, key, jnp.zeros((1, 8, 8, c.in_channels)), jnp.zeros((1,), jnp.int32),
+                                 jnp.zeros((1, 77, c.cross_attention_dim)))["params"]
+    text_shapes = jax.eval_shape(text.init, key, jnp.zeros((1, 77), jnp.int32))["params"]
+    return {"unet": unet_shapes, "text_encoder": text_shapes}
+
+
+def init_params(unet, text, seed: int, token_embed_std: float = 1.0) -> dict:
+    """Fresh float32 params ``{"unet", "text_encoder"}`` as numpy arrays, drawn with numpy.
+
+    Same distributions as Flax's defaults (kernels: LeCun truncated normal over fan-in; biases 0;
+    norm scales 1; embeddings: normal with std 1/sqrt(features)), except the text encoder's token
+    embedding, std ``token_embed_std``. Why not ``module.init``: run eagerly it compiles hundreds
+    of small kernels (minutes on a busy CPU, ptxas per op on a GPU), and jit-compiled its
+    threefry calls are slow to compile; numpy takes milliseconds and is the same on every device.
+    """
+    from csg_jax.convert import flatten, unflatten
+
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
+    out = {}
+    for comp, tree in param_shapes(unet, text).items():
+        flat = {}
+        for path, leaf in sorted(flatten(tree).items()):
+            shape, name = tuple(leaf.shape), path[-1]
+            if name == "bias":
+                v = np.zeros(shape)
+            elif name == "scale":
+                v = np.ones(shape)
+            elif name == "kernel":  # Dense (in, out) or Conv (h, w, in, out)
+                std = math.sqrt(1.0 / int(np.prod(shape[:-1]))) / 0.87962566103423978  # truncnorm(-2, 2) std
+                v = std * _truncated_normal(rng, shape)
+            elif name == "embedding":
+                std = token_embed_std if path[-2] == "token_embedding" else 1.0 / math.sqrt(shape[-1])
+                v = std * rng.standard_normal(shape)
+            else:
+                raise ValueError(f"no initialiser for parameter {'/'.join(path)}")
+            flat[path] = v.astype(np.float32)
+        out[comp] = unflatten(flat)
+    return out
+
+
+def _truncated_normal(rng: np.random.Generator, shape: tuple, bound: float = 2.0) -> np.ndarray:
+    """Standard normal samples truncated to [-bound, bound] (redraws; ~5% redrawn at 2)."""
+    v = rng.standard_normal(shape)
+    bad = np.abs(v) > bound
+    while bad.any():
+        v[bad] = rng.standard_normal(int(bad.sum()))
+        bad = np.abs(v) > bound
+    return v
+
+
+def make_optimizer(cfg: TrainConfig):
+    """AdamW *direction* (clip -> Adam -> decoupled weight decay); the step multiplies by -lr
+    itself so the LR schedule's horizon can be a traced value (see :func:`learning_rate`).
+    Weight decay skips 1-D params (biases, norm scales)."""
+    import jax
+    import optax
+
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+        optax.add_decayed_weights(cfg.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+    )
+
+
+def learning_rate(step, horizon, cfg: TrainConfig):
+    """Linear warmup to ``cfg.lr`` over ``warmup_steps``, then cosine to ``lr * final_lr_fraction``
+    at ``horizon`` (held after). ``step``/``horizon`` may be traced ints."""
+    import jax.numpy as jnp
+
+    step = jnp.asarray(step, jnp.float32)
+    warm = float(max(cfg.warmup_steps, 1))
+    span = jnp.maximum(jnp.asarray(horizon, jnp.float32) - warm, 1.0)
+    frac = jnp.clip((step - warm) / span, 0.0, 1.0)
+    floor = cfg.final_lr_fraction
+    cosine = cfg.lr * (floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * frac)))
+    return jnp.where(step < warm, cfg.lr * (step + 1) / warm, cosine)
+
+
+def _train_state_class():
+    from flax import struct
+
+    @struct.dataclass
+    class TrainState:
+        """All of a run's mutable state; checkpointed whole, so a resumed run is bit-identical."""
+
+        step: Any  # () int32, optimizer steps taken
+        horizon: Any  # () int32, LR schedule horizon
+        params: Any
+        opt_state: Any
+        ema: Any  # exponential moving average of params (what gets exported)
+        rng: Any  # (2,) uint32 raw key data
+
+    return TrainState
+
+
+TrainState = None  # set lazily (flax import) by init_state
+
+
+def init_state(cfg: TrainConfig, unet, text, tx):
+    import jax
+    import jax.numpy as jnp
+
+    global TrainState
+    if TrainState is None:
+        TrainState = _train_state_class()
+    params = init_params(unet, text, cfg.seed, cfg.token_embed_std)
+
+    @jax.jit  # one small compile instead of a kernel per leaf
+    def build(params):
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            horizon=jnp.asarray(cfg.steps, jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            ema=jax.tree.map(jnp.copy, params),
+            rng=jax.random.key_data(jax.random.key(cfg.seed)),
+        )
+
+    return build(params)
+
+
+# Rematerialisation (jax.checkpoint) of the forward pass, least memory saved first. Without it
+# the 32x32 self-attention dominates: ~250 MB of residuals per sample in float32 (63 GB at batch
+# 256), mostly (B, 4, 1024, 1024) logits/probabilities. "attention" recomputes only attention
+# internals and other large tensors in the backward pass (~72 MB/sample, ~+25% attention work);
+# "full" recomputes everything but Dense outputs (~16 MB/sample, ~+33% compute).
+REMAT_MODES = ("off", "attention", "full")
+
+
+def remat_policy(mode: str, batch_size: int):
+    """The ``jax.checkpoint`` policy of a remat mode (None: no checkpointing)."""
+    import jax
+    from jax import lax
+
+    if mode == "off":
+        return None
+    if mode == "full":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if mode != "attention":
+        raise ValueError(f"remat mode must be one of {REMAT_MODES}, not {mode!r}")
+    big = batch_size * 200_000  # elements; a 32x32 self-attention map is 4.2M per sample
+
+    def policy(prim, *avals, **params):
+        """Save an op's output unless it is a batched matmul (attention) or touches a big tensor."""
+        try:
+            if prim is lax.dot_general_p and params["dimension_numbers"][1][0]:
+                return False
+            return all(int(np.prod(a.shape)) < big for a in avals if hasattr(a, "shape"))
+        except Exception:  # unexpected primitive signature: recompute (always correct)
+            return False
+
+    return policy
+
+
+def make_loss_fn(cfg: TrainConfig, unet, text, remat: str = "off") -> Callable:
+    """``loss(params, x_t, t, ids, target)``: MSE of the UNet's v-prediction."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss_fn(params, x_t, t, ids, target):
+        context = text.apply({"params": params["text_encoder"]}, ids)
+        out, _ = unet.apply({"params": params["unet"]}, x_t, t, context)
+        return jnp.mean(jnp.square(out.astype(jnp.float32) - target))
+
+    policy = remat_policy(remat, cfg.batch_size)
+    return loss_fn if remat == "off" else jax.checkpoint(loss_fn, policy=policy)
+
+
+def residual_bytes(cfg: TrainConfig, unet, text, params, remat: str) -> int:
+    """Bytes the backward pass keeps from the forward pass at ``cfg.batch_size`` (tracing only)."""
+    import jax
+    import jax.numpy as jnp
+
+    B, c = cfg.batch_size, unet.config
+    x = jax.ShapeDtypeStruct((B, c.sample_size, c.sample_size, c.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((B,), jnp.int32)
+    ids = jax.ShapeDtypeStruct((B, 77), jnp.int32)
+    loss_fn = make_loss_fn(cfg, unet, text, remat)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    vjp = jax.eval_shape(lambda p, x, t, ids: jax.vjp(lambda q: loss_fn(q, x, t, ids, x), p)[1], abstract, x, t, ids)
+    return int(sum(np.prod(l.shape) * np.dtype(l.dtype).itemsize for l in jax.tree.leaves(vjp)))
+
+
+def memory_limit() -> Optional[int]:
+    """Bytes JAX may use on the default device (GPU/TPU allocator limit), else half the available
+    host RAM (a CPU run shares the machine)."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
+    except Exception:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def choose_remat(cfg: TrainConfig, unet, text, params, limit: Optional[int], fraction: float = 0.45) -> str:
+    """Least rematerialisation whose residuals fit in ``fraction`` of ``limit`` (the rest is
+    for the transients of the backward pass); "full" if none does."""
+    for mode in REMAT_MODES[:-1]:
+        need = residual_bytes(cfg, unet, text, params, mode)
+        print(f"[remat] {mode}: {need / 2**30:.2f} GiB of residuals at batch {cfg.batch_size}", flush=True)
+        if limit is None or need <= fraction * limit:
+            return mode
+    return REMAT_MODES[-1]
+
+
+def make_train_step(cfg: TrainConfig, configs: dict, unet, text, tx, remat: str = "off") -> Callable:
+    """``step(state, pool_images, pool_rows, token_table) -> (state, metrics)``, jit-compiled with
+    the state donated. pool_images (N, 32, 32, 3) uint8, pool_rows (N,) int32 caption rows,
+    token_table (K, 77) int32 with row 0 = "". Metrics: loss, grad_norm, lr (device scalars)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from csg_jax.schedule import SchedulerConfig, add_noise, make_schedule, velocity
+
+    schedule = make_schedule(SchedulerConfig.from_dict(configs["scheduler"]), 50)  # only ᾱ is used
+    T = schedule.num_train_timesteps
+    B = cfg.batch_size
+    loss_fn = make_loss_fn(cfg, unet, text, remat)
+
+    def step(state, pool_images, pool_rows, token_table):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        k_idx, k_t, k_noise, k_drop = jax.random.split(key, 4)
+        idx = jax.random.randint(k_idx, (B,), 0, pool_images.shape[0])
+        x0 = (pool_images[idx].astype(jnp.float32) / 127.5 - 1.0) * SCALING_FACTOR
+        drop = jax.random.bernoulli(k_drop, cfg.p_uncond, (B,))
+        ids = token_table[jnp.where(drop, EMPTY_ROW, pool_rows[idx])]
+        t = jax.random.randint(k_t, (B,), 0, T)
+        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+        x_t = add_noise(schedule, x0, noise, t)
+        target = velocity(schedule, x0, noise, t)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, x_t, t, ids, target)
+        direction, opt_state = tx.update(grads, state.opt_state, state.params)
+        lr = learning_rate(state.step, state.horizon, cfg)
+        params = optax.apply_updates(state.params, jax.tree.map(lambda d: -lr * d, direction))
+        # EMA with a short warm-up ((1+n)/(10+n)) so early exports are not dominated by the init.
+        n = state.step.astype(jnp.float32)
+        decay = jnp.minimum(cfg.ema_decay, (1.0 + n) / (10.0 + n))
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr}
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints (Orbax) and export (diffusers folder)
+# --------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Orbax CheckpointManager (keep 2) of the whole TrainState plus a JSON of the config.
+
+    State is copied to host before saving (the train step donates its input buffers, so device
+    arrays handed to an async save could be deleted under it). A failing Orbax (version skew on
+    another machine) disables checkpointing with a warning instead of killing the run: the
+    periodic exports are what matter.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.directory = os.path.abspath(directory)
+        self.enabled = True
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+    def latest_step(self) -> Optional[int]:
+        if not self.enabled:
+            return None
+        try:
+            return self.manager.latest_step()
+        except Exception as e:
+            self.enabled = False
+            print(f"[ckpt] WARNING: cannot list checkpoints, checkpointing disabled: {e}", flush=True)
+            return None
+
+    def save(self, step: int, state, meta: dict) -> None:
+        if not self.enabled:
+            return
+        import jax
+
+        try:
+            host = jax.device_get(state)
+            args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(host),
+                                           meta=self.ocp.args.JsonSave(meta))
+            self.manager.save(step, args=args, force=True)
+        except Exception as e:
+            self.enabled = False
+            print(f"[ckpt] WARNING: saving failed, checkpointing disabled: {type(e).__name__}: {e}", flush=True)
+
+    def restore(self, step: int, like):
+        """(state, meta) of ``step``; ``like`` is a state with the right structure/shapes/dtypes."""
+        import jax
+
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+        args = self.ocp.args.Composite(state=self.ocp.args.StandardRestore(abstract),
+                                       meta=self.ocp.args.JsonRestore())
+        out = self.manager.restore(step, args=args)
+        return jax.tree.map(jax.numpy.asarray, out["state"]), dict(out["meta"])
+
+    def close(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as e:
+            print(f"[ckpt] WARNING: closing the checkpoint manager failed: {e}", flush=True)
+
+
+def export_model(folder: str, configs: dict, ema_params: dict, step: int, words=None,
+                 tar_path: Optional[str] = None) -> str:
+    """Write the EMA weights as a diffusers-format pixel model folder, atomically (a new folder is
+    renamed over the old one), and optionally a tar of it (also atomic). Returns ``folder``."""
+    import jax
+
+    from csg_jax.testing import write_model_folder
+
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    host = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(ema_params))
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    meta = {"kind": "pixel", "scaling_factor": SCALING_FACTOR, "mask_res": 16, "trained_steps": int(step)}
+    write_model_folder(tmp, configs, host, words=words or shapes_words(), csg_jax_meta=meta,
+                       weight_dtype=np.float16)
+    for root, dirs, files in os.walk(tmp):  # mkdtemp makes 0700; make it an ordinary folder
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    old = None
+    if os.path.exists(folder):
+        old = folder + f".old-{os.getpid()}"
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    if tar_path:
+        tar_folder(folder, tar_path)
+    return folder
+
+
+def tar_folder(folder: str, tar_path: str) -> None:
+    """Uncompressed tar of ``folder`` (arcname = its base name), written to a temp file and renamed."""
+    tar_path = os.path.abspath(tar_path)
+    os.makedirs(os.path.dirname(tar_path), exist_ok=True)
+    tmp = tar_path + ".tmp"
+    with tarfile.open(tmp, "w") as tf:
+        tf.add(folder, arcname=os.path.basename(folder.rstrip("/")))
+    os.replace(tmp, tar_path)
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """How to run (not part of the model's recipe)."""
+
+    out: str  # checkpoint directory
+    export: Optional[str] = None  # diffusers folder written at the end and every export_every s
+    export_tar: Optional[str] = None  # tar of the export folder, rewritten with every export
+    log: Optional[str] = None  # JSON-lines log; default <out>/train_log.jsonl
+    time_budget_s: Optional[float] = None  # wall-clock budget from process start (pool, compile included)
+    fit_schedule: bool = True  # with a budget: shrink the LR horizon to the steps that fit
+    calibrate_steps: int = 100  # steps timed (after the first) before fitting the horizon
+    export_every_s: float = 0.0  # 0: export only at the end
+    ckpt_every: int = 1000
+    log_every: int = 50
+    workers: Optional[int] = None  # pool worker processes (default: cores - 1)
+    progress: bool = True
+    reserve_s: float = 20.0  # budget kept back for the final checkpoint + export
+    compile_cache: Optional[str] = None  # JAX persistent compilation cache directory
+
+
+class _Log:
+    """Appends JSON lines, flushed each time (a killed run keeps what it wrote)."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.f = open(path, "a")
+
+    def write(self, **record) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    """A tqdm bar (sparse updates when stderr is not a terminal), or None without tqdm."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                mininterval=0.5 if tty else 15.0, file=sys.stderr)
+
+
+def _is_oom(e: Exception) -> bool:
+    s = f"{type(e).__name__}: {e}"
+    return "RESOURCE_EXHAUSTED" in s or "Out of memory" in s or "out of memory" in s
+
+
+def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -> dict:
+    """Run (or resume) training; returns a summary dict. ``t_start``: when the budget clock
+    started (default: now); the CLI passes its own start time so imports count."""
+    t0 = time.perf_counter() if t_start is None else t_start
+    elapsed = lambda: time.perf_counter() - t0
+    os.makedirs(opts.out, exist_ok=True)
+    log = _Log(opts.log or os.path.join(opts.out, "train_log.jsonl"))
+
+    # 1. Start rendering the pool right away; it overlaps with imports, init and compilation.
+    pool_job = PoolJob(cfg.pool_size, cfg.seed, opts.workers)
+    print(f"[pool] rendering {cfg.pool_size} scenes with {pool_job.workers} worker processes", flush=True)
+
+    import jax
+    import jax.numpy as jnp
+
+    if opts.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(opts.compile_cache))
+    print(f"[jax] {jax.__version__} devices={jax.devices()}", flush=True)
+    configs = model_configs()
+    words = shapes_words()
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = write_clip_tokenizer(tmp, words)
+        tokenizer = load_tokenizer(tmp)
+    assert vocab == configs["text_encoder"]["vocab_size"], (vocab, configs["text_encoder"]["vocab_size"])
+    table_captions = all_captions()
+    token_table = jnp.asarray(tokenize(tokenizer, table_captions))
+
+    unet, text = build_models(configs, cfg.dtype)
+    tx = make_optimizer(cfg)
+    ckpt = None
+    try:
+        ckpt = Checkpointer(os.path.join(opts.out, "checkpoints"))
+    except Exception as e:
+        print(f"[ckpt] WARNING: Orbax unavailable, no checkpoints: {type(e).__name__}: {e}", flush=True)
+
+    def fresh_state():
+        """Initial state, or the latest checkpoint's (2. resume)."""
+        state = init_state(cfg, unet, text, tx)
+        latest = ckpt.latest_step() if ckpt is not None else None
+        if latest is not None:
+            state, meta = ckpt.restore(latest, state)
+            print(f"[ckpt] resumed from step {latest} ({ckpt.directory})", flush=True)
+            if meta.get("config", {}).get("steps") != cfg.steps:  # a new plan: its horizon
+                state = state.replace(horizon=jnp.asarray(cfg.steps, jnp.int32))
+        return state, latest
+
+    state, resumed_from = fresh_state()
+    n_params = {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in state.params.items()}
+    print(f"[model] params: {n_params}", flush=True)
+    start_step = int(state.step)
+
+    # 3. Compile ahead of time against the pool's shapes (the pool is still rendering). If the
+    #    step does not fit the device, halve the batch (XLA's estimate, or a failed first step).
+    pool_abstract = (jax.ShapeDtypeStruct((cfg.pool_size, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.uint8),
+                     jax.ShapeDtypeStruct((cfg.pool_size,), jnp.int32))
+
+    limit = memory_limit()
+    remat = cfg.remat
+    if remat == "auto":
+        remat = choose_remat(cfg, unet, text, state.params, limit)
+
+    def compile_step(batch_size, remat):
+        run_cfg = dataclasses.replace(cfg, batch_size=batch_size, remat=remat)
+        t_c = time.perf_counter()
+        compiled = make_train_step(run_cfg, configs, unet, text, tx, remat).lower(
+            state, *pool_abstract, token_table).compile()
+        return run_cfg, compiled, time.perf_counter() - t_c
+
+    batch_size = cfg.batch_size
+    while True:
+        try:
+            run_cfg, compiled, compile_s = compile_step(batch_size, remat)
+        except Exception as e:
+            if not (_is_oom(e) and batch_size // 2 >= MIN_BATCH):
+                raise
+            batch_size //= 2
+            print(f"[compile] out of memory ({str(e)[:200]}); batch -> {batch_size}", flush=True)
+            continue
+        need = _memory_estimate(compiled, limit)
+        print(f"[compile] train step compiled in {compile_s:.1f}s (batch {batch_size}, remat {remat})", flush=True)
+        smaller = _fitting_batch(batch_size, need, limit)
+        if smaller < batch_size:
+            print(f"[compile] needs {need / 2**30:.1f} of {limit / 2**30:.1f} GiB; batch -> {smaller}", flush=True)
+            batch_size = smaller
+            continue
+        break
+
+    # 4. Pool to the device.
+    images, captions = pool_job.result()
+    rate = len(images) / pool_job.seconds
+    print(f"[pool] {len(images)} scenes in {pool_job.seconds:.1f}s ({rate:.0f} scenes/s, "
+          f"{pool_job.workers} workers; ready {elapsed():.1f}s after start)", flush=True)
+    pool_images = jax.device_put(images)
+    pool_rows = jax.device_put(caption_rows(captions, table_captions))
+    del images, captions
+
+    log.write(event="start", step=start_step, elapsed=round(elapsed(), 2), resumed_from=resumed_from,
+              batch_size=batch_size, remat=remat, compile_s=round(compile_s, 2), pool_s=round(pool_job.seconds, 2),
+              pool_rate=round(rate, 1), devices=[str(d) for d in jax.devices()])
+
+    # 5. Train.
+    target = max(cfg.steps, start_step)
+    bar = _progress(target, start_step, opts.progress)
+    pending: list = []  # device metrics not yet fetched (fetching syncs, so only every log_every)
+    last_export = time.perf_counter()
+    exported_step = None
+    t_first = None  # wall time when the first step of this process finished (excludes its wait)
+    step = start_step
+    fitted = False
+    stop_reason = "steps"
+    first_call = True
+    while step < target:
+        if opts.time_budget_s and elapsed() > opts.time_budget_s - opts.reserve_s:
+            stop_reason = "time budget"
+            break
+        try:
+            state, metrics = compiled(state, pool_images, pool_rows, token_table)
+            if first_call:
+                jax.block_until_ready(metrics["loss"])
+        except Exception as e:
+            if not (first_call and _is_oom(e) and batch_size // 2 >= MIN_BATCH):
+                raise
+            batch_size //= 2  # the donated state may be gone: rebuild it
+            print(f"[train] out of memory on the first step; batch -> {batch_size}", flush=True)
+            state, _ = fresh_state()
+            run_cfg, compiled, compile_s = compile_step(batch_size, remat)
+            continue
+        step += 1
+        pending.append(metrics)
+        if first_call:
+            t_first, first_call = time.perf_counter(), False
+        if bar is not None:
+            bar.update(1)
+
+        # Fit the LR horizon to the budget once the speed is known (during warmup: no LR jump).
+        if (opts.time_budget_s and opts.fit_schedule and not fitted
+                and step - start_step == opts.calibrate_steps + 1):
+            jax.block_until_ready(metrics["loss"])
+            per_step = (time.perf_counter() - t_first) / opts.calibrate_steps
+            left = opts.time_budget_s - opts.reserve_s - elapsed()
+            fit = int(step + 0.95 * left / per_step)  # 5%: periodic exports / checkpoints / logging
+            horizon = max(step + 1, min(cfg.steps, fit))
+            state = state.replace(horizon=jnp.asarray(horizon, jnp.int32))
+            target = horizon
+            fitted = True
+            if bar is not None:
+                bar.total = target
+                bar.refresh()
+            print(f"\n[schedule] {1 / per_step:.1f} steps/s -> LR horizon {horizon} steps "
+                  f"(asked {cfg.steps})", flush=True)
+            log.write(event="fit_schedule", step=step, steps_per_s=round(1 / per_step, 3), horizon=horizon)
+
+        if step % opts.log_every == 0 or step == target:
+            fetched = jax.device_get(pending)
+            pending = []
+            loss = float(np.mean([m["loss"] for m in fetched]))
+            record = dict(step=step, loss=round(loss, 6), elapsed=round(elapsed(), 2),
+                          lr=float(fetched[-1]["lr"]), grad_norm=round(float(fetched[-1]["grad_norm"]), 4))
+            log.write(**record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", sps=f"{_samples_per_s(step, start_step, t_first, batch_size):.0f}")
+            elif step % (opts.log_every * 10) == 0:
+                print(json.dumps(record), flush=True)
+            if not np.isfinite(loss):
+                stop_reason = "non-finite loss"
+                print(f"\n[train] non-finite loss at step {step}; stopping", flush=True)
+                break
+
+        if ckpt is not None and opts.ckpt_every and step % opts.ckpt_every == 0:
+            ckpt.save(step, state, {"config": dataclasses.asdict(run_cfg), "model": configs})
+        if opts.export and opts.export_every_s and time.perf_counter() - last_export > opts.export_every_s:
+            export_model(opts.export, configs, state.ema, step, words, opts.export_tar)
+            last_export, exported_step = time.perf_counter(), step
+            log.write(event="export", step=step, elapsed=round(elapsed(), 2))
+    jax.block_until_ready(state.step)
+    t_end_train = time.perf_counter()
+    if bar is not None:
+        bar.close()
+
+    # 6. Final checkpoint and export.
+    if ckpt is not None:
+        if step != start_step and ckpt.latest_step() != step:
+            ckpt.save(step, state, {"config": dataclasses.asdict(run_cfg), "model": configs})
+        ckpt.close()
+    if opts.export and stop_reason != "non-finite loss" and exported_step != step:
+        export_model(opts.export, configs, state.ema, step, words, opts.export_tar)
+        log.write(event="export", step=step, elapsed=round(elapsed(), 2))
+
+    steps_run = step - start_step
+    timed = steps_run - 1  # the first step's time includes its wait for the device
+    train_s = (t_end_train - t_first) if t_first else 0.0
+    summary = {
+        "steps": step, "steps_this_run": steps_run, "resumed_from": resumed_from, "stop": stop_reason,
+        "batch_size": batch_size, "remat": remat, "compile_s": round(compile_s, 2), "pool_s": round(pool_job.seconds, 2),
+        "pool_scenes_per_s": round(rate, 1),
+        "steps_per_s": round(timed / train_s, 3) if timed > 0 and train_s > 0 else None,
+        "samples_per_s": round(timed * batch_size / train_s, 1) if timed > 0 and train_s > 0 else None,
+        "wall_s": round(elapsed(), 2), "horizon": int(state.horizon), "export": opts.export,
+    }
+    log.write(event="end", **summary)
+    log.close()
+    return summary
+
+
+def _samples_per_s(step: int, start_step: int, t_first: Optional[float], batch_size: int) -> float:
+    if t_first is None or step - start_step < 2:
+        return 0.0
+    return (step - start_step - 1) * batch_size / max(time.perf_counter() - t_first, 1e-9)
+
+
+MIN_BATCH = 8  # out-of-memory fallbacks halve the batch down to this
+
+
+def _fitting_batch(batch_size: int, need: int, limit: Optional[int], fraction: float = 0.9) -> int:
+    """The batch, halved until XLA's estimate (scaled linearly) fits ``fraction`` of the limit."""
+    while limit and need > fraction * limit and batch_size // 2 >= MIN_BATCH:
+        batch_size //= 2
+        need //= 2
+    return batch_size
+
+
+def _memory_estimate(compiled, limit: Optional[int]) -> int:
+    """Bytes XLA plans for the compiled step (0 if unknown); printed with the device limit."""
+    try:
+        m = compiled.memory_analysis()
+        need = int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes)
+        gib = lambda b: b / 2**30
+        print(f"[compile] step memory: args {gib(m.argument_size_in_bytes):.2f} GiB, temp "
+              f"{gib(m.temp_size_in_bytes):.2f} GiB" + (f"; limit {gib(limit):.1f} GiB" if limit else ""),
+              flush=True)
+        return need
+    except Exception:
+        return 0

@@ -1,0 +1,103 @@
+"""Train the shapes-world text-to-image model (pixel space, SD-shaped); see csg_jax/shapes/train.py.
+
+    PYTHONPATH=. python3 scripts/train_shapes.py --smoke --out /tmp/shp_ckpt --export /tmp/shp_model
+    PYTHONPATH=. python3 scripts/train_shapes.py --out /tmp/ckpt --export /tmp/export/shapes_model \\
+        --batch-size 256 --steps 30000 --time-budget-s 400 --pool-size 100000 --export-every 120
+
+Running it again with the same --out resumes from the latest checkpoint.
+
+Only light imports at module level: the scene pool is rendered in spawned worker processes,
+which import this file again.
+"""
+
+from __future__ import annotations
+
+import time
+
+T_START = time.perf_counter()  # the time budget counts from here (imports and compile included)
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run without install
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\nOnly")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="run directory: Orbax checkpoints and train_log.jsonl")
+    p.add_argument("--export", default=None, help="diffusers-format model folder (EMA weights), written at "
+                   "the end and every --export-every seconds")
+    p.add_argument("--export-tar", default=None, help="also write a tar of the export folder after every export")
+    p.add_argument("--export-every", type=float, default=0.0, help="seconds between exports (default 0: only at the end)")
+    p.add_argument("--log", default=None, help="JSON-lines log (default: OUT/train_log.jsonl)")
+    p.add_argument("--steps", type=int, default=None, help="steps to train, and the LR schedule's horizon "
+                   "(default 30000; smoke 12)")
+    p.add_argument("--time-budget-s", type=float, default=None, help="stop cleanly (checkpoint + export) before "
+                   "this many seconds since start; the LR horizon is fitted to the steps that fit")
+    p.add_argument("--no-fit-schedule", action="store_true", help="with a time budget, keep the LR horizon at --steps")
+    p.add_argument("--batch-size", type=int, default=None, help="(default 32; smoke 4; pass 256 on a GPU)")
+    p.add_argument("--pool-size", type=int, default=None, help="scenes rendered once and sampled from "
+                   "(default 100000; smoke 512)")
+    p.add_argument("--workers", type=int, default=None, help="pool rendering processes (default: cores - 1)")
+    p.add_argument("--seed", type=int, default=0, help="(default 0)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="(default 500; smoke 5)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="activation dtype (default float32)")
+    p.add_argument("--remat", choices=("auto", "off", "attention", "full"), default="auto",
+                   help="recompute (parts of) the forward pass in the backward pass to save memory; auto: "
+                   "the least that fits the device (falls back further on out-of-memory; default)")
+    p.add_argument("--compile-cache", default=None, help="JAX persistent compilation cache dir "
+                   "(default: none; smoke: OUT/jax_cache)")
+    p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (default 1000; smoke 6)")
+    p.add_argument("--log-every", type=int, default=None, help="steps between log lines (default 50; smoke 3)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--smoke", action="store_true", help="tiny run for testing the plumbing (same model): batch 4, 12 steps, pool 512")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from csg_jax.shapes.train import RunOptions, TrainConfig, train
+
+    smoke = args.smoke
+    pick = lambda value, normal, tiny: value if value is not None else (tiny if smoke else normal)
+    cfg = TrainConfig(
+        batch_size=pick(args.batch_size, 32, 4),
+        steps=pick(args.steps, 30000, 12),
+        pool_size=pick(args.pool_size, 100_000, 512),
+        seed=args.seed,
+        lr=args.lr,
+        warmup_steps=pick(args.warmup_steps, 500, 5),
+        dtype=args.dtype,
+        remat=args.remat,
+    )
+    opts = RunOptions(
+        out=args.out,
+        export=args.export,
+        export_tar=args.export_tar,
+        log=args.log,
+        time_budget_s=args.time_budget_s,
+        fit_schedule=not args.no_fit_schedule,
+        calibrate_steps=3 if smoke else 100,
+        export_every_s=args.export_every,
+        ckpt_every=pick(args.ckpt_every, 1000, 6),
+        log_every=pick(args.log_every, 50, 3),
+        workers=args.workers,
+        progress=not args.no_progress,
+        reserve_s=5.0 if smoke else 20.0,
+        compile_cache=args.compile_cache or (os.path.join(args.out, "jax_cache") if smoke else None),
+    )
+    print(f"[config] {json.dumps(cfg.__dict__)}", flush=True)
+    summary = train(cfg, opts, t_start=T_START)
+    print("[done] " + json.dumps(summary), flush=True)
+    print(f"SUMMARY steps={summary['steps']} (this run {summary['steps_this_run']}, stop: {summary['stop']}) "
+          f"samples/s={summary['samples_per_s']} steps/s={summary['steps_per_s']} compile_s={summary['compile_s']} "
+          f"pool_s={summary['pool_s']} wall_s={summary['wall_s']}", flush=True)
+    return 0 if summary["stop"] != "non-finite loss" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Pieces of the shapes-model trainer that are cheap to check on a CPU (the whole run is checked
+with ``scripts/train_shapes.py --smoke``)."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from csg_jax.shapes import train as T
+from csg_jax.shapes import world
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from csg_jax.tokenizer_files import write_clip_tokenizer
+
+    folder = str(tmp_path_factory.mktemp("shapes_tok"))
+    write_clip_tokenizer(folder, T.shapes_words())
+    return T.load_tokenizer(folder)
+
+
+def test_caption_table_covers_the_world_and_words_are_single_tokens(tokenizer):
+    table = T.all_captions()
+    assert table[T.EMPTY_ROW] == "" and len(table) == 1 + 5 * 8 * 7 == len(set(table))
+    batch = world.make_batch(3, 200)
+    rows = T.caption_rows(batch["captions"], table)
+    assert [table[r] for r in rows] == batch["captions"]
+    ids = T.tokenize(tokenizer, table)
+    eos = ids[0, 1]
+    assert ids.shape == (len(table), 77) and ids.dtype == np.int32
+    assert all(np.sum(row != eos) == 1 + 7 for row in ids[1:])  # BOS + 7 one-token words
+    assert T.model_configs()["text_encoder"]["vocab_size"] > int(ids.max())
+    with pytest.raises(ValueError):
+        T.caption_rows(["a pink circle"], table)
+
+
+def test_init_params_shapes_distributions_and_determinism():
+    unet, text = T.build_models(T.model_configs())
+    params = T.init_params(unet, text, seed=0)
+    shapes = T.param_shapes(unet, text)
+    assert jax.tree.structure(params) == jax.tree.structure(shapes)
+    for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(shapes)):
+        assert p.shape == s.shape and p.dtype == np.float32
+    tok = params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    assert abs(tok.std() - 1.0) < 0.02
+    kernel = params["unet"]["conv_in"]["kernel"]  # (3, 3, 3, 32): fan-in 27
+    assert abs(kernel.std() - np.sqrt(1 / 27)) < 0.02 and np.abs(kernel).max() <= 2 * np.sqrt(1 / 27) / 0.8796 + 1e-6
+    again = T.init_params(unet, text, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)))
+
+
+def test_learning_rate_warmup_cosine_floor():
+    cfg = T.TrainConfig(lr=1e-3, warmup_steps=10, final_lr_fraction=0.1)
+    lr = lambda s, h=110: float(T.learning_rate(s, h, cfg))
+    assert lr(0) == pytest.approx(1e-4) and lr(9) == pytest.approx(1e-3)
+    assert lr(10) == pytest.approx(1e-3) and lr(60) == pytest.approx(0.55e-3)
+    assert lr(110) == pytest.approx(1e-4) and lr(500) == pytest.approx(1e-4)
+    assert lr(60, 1010) > lr(60, 110)  # a longer horizon decays more slowly
+
+
+def test_batch_shrinks_to_fit_the_memory_estimate():
+    gib = 2**30
+    assert T._fitting_batch(256, 40 * gib, 60 * gib) == 256
+    assert T._fitting_batch(256, 90 * gib, 60 * gib) == 128
+    assert T._fitting_batch(256, 200 * gib, 60 * gib) == 64
+    assert T._fitting_batch(256, 200 * gib, None) == 256
+    assert T._fitting_batch(16, 200 * gib, 60 * gib) == T.MIN_BATCH
+
+
+def test_pool_is_the_same_with_workers_or_without():
+    job = T.PoolJob(300, seed=5, workers=2, chunk=128)
+    images, captions = job.result()
+    tasks = [(T.chunk_seed(5, i), n) for i, n in enumerate((128, 128, 44))]
+    ref = [T.render_chunk(t) for t in tasks]
+    assert images.shape == (300, 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, np.concatenate([r[0] for r in ref]))
+    assert captions == [c for r in ref for c in r[1]]
+    assert job.seconds is not None and job.seconds > 0
+
+
+def _tiny_configs():
+    configs = copy.deepcopy(T.model_configs())
+    configs["unet"].update(block_out_channels=[8, 16, 16], layers_per_block=1, attention_head_dim=2,
+                           norm_num_groups=4)
+    return configs
+
+
+@pytest.mark.slow
+def test_remat_modes_give_the_same_gradients():
+    configs = _tiny_configs()
+    unet, text = T.build_models(configs)
+    params = T.init_params(unet, text, seed=1)
+    cfg = T.TrainConfig(batch_size=2)
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], (2, 16, 16, 3))
+    target = jax.random.normal(k[1], (2, 16, 16, 3))
+    t = jnp.array([10, 900])
+    ids = jax.random.randint(k[2], (2, 77), 0, 500)
+    grads = {}
+    for mode in T.REMAT_MODES:
+        loss_fn = T.make_loss_fn(cfg, unet, text, mode)
+        grads[mode] = jax.jit(jax.value_and_grad(loss_fn))(params, x, t, ids, target)
+    for mode in T.REMAT_MODES[1:]:
+        assert float(grads[mode][0]) == pytest.approx(float(grads["off"][0]), rel=1e-6)
+        for a, b in zip(jax.tree.leaves(grads[mode][1]), jax.tree.leaves(grads["off"][1])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    full = T.residual_bytes(cfg, unet, text, params, "off")
+    assert T.residual_bytes(cfg, unet, text, params, "full") < T.residual_bytes(cfg, unet, text, params, "attention") < full
+
+
+@pytest.mark.slow
+def test_train_step_learns_and_export_loads(tmp_path):
+    """A few steps of the real train step (tiny UNet) lower the loss; the export loads as a pixel model."""
+    from csg_jax.pipeline import load_pipeline
+
+    configs = _tiny_configs()
+    unet, text = T.build_models(configs)
+    cfg = T.TrainConfig(batch_size=4, steps=30, warmup_steps=1, lr=1e-3, remat="attention")
+    tx = T.make_optimizer(cfg)
+    state = T.init_state(cfg, unet, text, tx)
+    step = T.make_train_step(cfg, configs, unet, text, tx, "attention")
+    batch = world.make_batch(0, 4)
+    pool = jnp.asarray(batch["images"][:, ::2, ::2])  # 16x16: fast
+    rows = jnp.asarray(T.caption_rows(batch["captions"], T.all_captions()))
+    table = jnp.zeros((len(T.all_captions()), 77), jnp.int32)
+    losses = []
+    for _ in range(30):
+        state, m = step(state, pool, rows, table)
+        losses.append(float(m["loss"]))
+    assert int(state.step) == 30 and np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    folder = T.export_model(str(tmp_path / "model"), configs, state.ema, 30, tar_path=str(tmp_path / "m.tar"))
+    pipe = load_pipeline(folder)
+    assert pipe.kind == "pixel" and pipe.scaling_factor == T.SCALING_FACTOR
+    assert pipe.scheduler_config.prediction_type == "v_prediction"
+    ema = jax.device_get(state.ema)
+    for a, b in zip(jax.tree.leaves(pipe.params["unet"]), jax.tree.leaves(ema["unet"])):
+        np.testing.assert_allclose(a, np.asarray(b, np.float16).astype(np.float32), rtol=0, atol=0)
+    assert (tmp_path / "m.tar").stat().st_size > 0
