@@ -1,0 +1,79 @@
+"""The translate CLI and image reading: bad input ends in one message and exit code 2, no partial output."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from csg_jax import io
+from csg_jax.errors import ImageError
+from csg_jax.translate import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _embedded_model_home(tmp_path_factory):
+    """Keep the embedded model the CLI makes on first use inside the test's temp folder."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CSG_JAX_HOME", str(tmp_path_factory.mktemp("csg_jax_home")))
+    yield
+    mp.undo()
+
+
+def test_unreadable_image_is_a_clear_error_without_output(tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    rc = main(["--image", str(bad), "--prompt", "a photo of a cat", "--task", "cat2dog", "--out", str(out), "--quiet"])
+    assert rc == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]  # no staged leftovers
+
+
+def test_missing_task_and_prompt_are_reported(tmp_path, capsys):
+    rc = main(["--image", "x.png", "--out", str(tmp_path / "o2"), "--quiet"])
+    assert rc == 2 and "--prompt is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "I;16", "P"])
+def test_odd_image_modes_become_rgb_of_the_requested_size(tmp_path, mode):
+    rs = np.random.RandomState(0)
+    if mode == "I;16":
+        img = Image.fromarray((rs.rand(50, 70) * 65535).astype(np.uint16))
+    elif mode in ("RGBA", "LA"):
+        img = Image.fromarray((rs.rand(50, 70, 4) * 255).astype(np.uint8), "RGBA").convert(mode)
+    else:
+        img = Image.fromarray((rs.rand(50, 70, 3) * 255).astype(np.uint8), "RGB").convert(mode)
+    path = tmp_path / f"img_{mode.replace(';', '')}.png"
+    img.save(path)
+    arr, notices = io.load_image(str(path), 32, 8)
+    assert arr.dtype == np.uint8 and arr.shape == (32, 40, 3)
+    assert notices  # every conversion is reported
+    if mode == "I;16":
+        assert arr.max() > 200  # rescaled from 16 bits, not clipped to white/black
+        assert arr.min() < 50
+
+
+def test_translate_writes_every_output_atomically(tmp_path):
+    out = tmp_path / "edit"
+    rc = main(["--demo", "--steps", "3", "--out", str(out), "--quiet", "--save-inversion"])
+    assert rc == 0
+    names = {"edit.png", "reconstruction.png", "mask.png", "mask_raw.png", "grid.png", "meta.json", "inversion.npy"}
+    assert names <= set(os.listdir(out))
+    for n in names - {"meta.json", "inversion.npy"}:
+        Image.open(out / n).verify()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["prompts"]["target_prompt"] == "a red square on a blue background"
+    assert meta["prompts"]["source_span"] == [3, 4]
+    assert meta["unet_evaluations"]["per_step"]["target"] == 5
+    # the saved inversion edits again without an image (invert once, edit many)
+    rc = main(["--inversion", str(out / "inversion.npy"), "--prompt", "a red circle on a blue background",
+               "--task", "red2green", "--steps", "3", "--out", str(tmp_path / "again"), "--quiet"])
+    assert rc == 0 and (tmp_path / "again" / "edit.png").exists()
+
+
+def test_load_image_rejects_missing_files(tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        io.load_image(str(tmp_path / "nope.png"), 32, 8)
