@@ -80,6 +80,14 @@ def test_pool_is_the_same_with_workers_or_without():
     assert job.seconds is not None and job.seconds > 0
 
 
+def test_pool_falls_back_to_repeating_a_smaller_pool_rendered_in_process():
+    job = T.PoolJob(300, seed=5, workers=1, chunk=128)
+    job._pool.terminate()  # dead workers: their tasks never finish
+    images, captions = job.result(timeout=1.0, fallback=100)
+    assert images.shape == (300, 32, 32, 3) and len(captions) == 300
+    assert np.array_equal(images[100:200], images[:100]) and captions[250] == captions[50]
+
+
 def _tiny_configs():
     configs = copy.deepcopy(T.model_configs())
     configs["unet"].update(block_out_channels=[8, 16, 16], layers_per_block=1, attention_head_dim=2,
@@ -87,46 +95,41 @@ def _tiny_configs():
     return configs
 
 
-@pytest.mark.slow
-def test_remat_modes_give_the_same_gradients():
+def test_remat_keeps_fewer_residuals():
     configs = _tiny_configs()
     unet, text = T.build_models(configs)
-    params = T.init_params(unet, text, seed=1)
+    params = T.param_shapes(unet, text)
     cfg = T.TrainConfig(batch_size=2)
-    k = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(k[0], (2, 16, 16, 3))
-    target = jax.random.normal(k[1], (2, 16, 16, 3))
-    t = jnp.array([10, 900])
-    ids = jax.random.randint(k[2], (2, 77), 0, 500)
-    grads = {}
-    for mode in T.REMAT_MODES:
-        loss_fn = T.make_loss_fn(cfg, unet, text, mode)
-        grads[mode] = jax.jit(jax.value_and_grad(loss_fn))(params, x, t, ids, target)
-    for mode in T.REMAT_MODES[1:]:
-        assert float(grads[mode][0]) == pytest.approx(float(grads["off"][0]), rel=1e-6)
-        for a, b in zip(jax.tree.leaves(grads[mode][1]), jax.tree.leaves(grads["off"][1])):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
-    full = T.residual_bytes(cfg, unet, text, params, "off")
-    assert T.residual_bytes(cfg, unet, text, params, "full") < T.residual_bytes(cfg, unet, text, params, "attention") < full
+    sizes = [T.residual_bytes(cfg, unet, text, params, mode) for mode in T.REMAT_MODES]
+    assert sizes[0] > sizes[1] > sizes[2] > 0
 
 
 @pytest.mark.slow
-def test_train_step_learns_and_export_loads(tmp_path):
-    """A few steps of the real train step (tiny UNet) lower the loss; the export loads as a pixel model."""
+def test_train_step_remat_equivalence_learning_and_export(tmp_path):
+    """The real train step on a tiny UNet: remat "attention" computes the same update as no remat,
+    a few steps lower the loss, and the export loads as a pixel model with the EMA weights."""
     from csg_jax.pipeline import load_pipeline
 
     configs = _tiny_configs()
     unet, text = T.build_models(configs)
-    cfg = T.TrainConfig(batch_size=4, steps=30, warmup_steps=1, lr=1e-3, remat="attention")
+    cfg = T.TrainConfig(batch_size=4, steps=30, warmup_steps=1, lr=1e-3)
     tx = T.make_optimizer(cfg)
     state = T.init_state(cfg, unet, text, tx)
-    step = T.make_train_step(cfg, configs, unet, text, tx, "attention")
     batch = world.make_batch(0, 4)
     pool = jnp.asarray(batch["images"][:, ::2, ::2])  # 16x16: fast
     rows = jnp.asarray(T.caption_rows(batch["captions"], T.all_captions()))
-    table = jnp.zeros((len(T.all_captions()), 77), jnp.int32)
-    losses = []
-    for _ in range(30):
+    table = jnp.asarray(np.arange(len(T.all_captions()) * 77).reshape(-1, 77) % 500, jnp.int32)
+
+    plain = T.make_train_step(cfg, configs, unet, text, tx, "off")
+    step = T.make_train_step(cfg, configs, unet, text, tx, "attention")
+    ref, m_ref = plain(jax.tree.map(jnp.copy, state), pool, rows, table)  # donates the copy
+    state, m = step(state, pool, rows, table)
+    # (Params after one Adam step are no test: g / (|g| + eps) of near-zero gradients is noise.)
+    assert float(m["loss"]) == pytest.approx(float(m_ref["loss"]), rel=1e-6)
+    assert float(m["grad_norm"]) == pytest.approx(float(m_ref["grad_norm"]), rel=1e-4)
+
+    losses = [float(m["loss"])]
+    for _ in range(29):
         state, m = step(state, pool, rows, table)
         losses.append(float(m["loss"]))
     assert int(state.step) == 30 and np.isfinite(losses).all()
@@ -137,5 +140,5 @@ def test_train_step_learns_and_export_loads(tmp_path):
     assert pipe.scheduler_config.prediction_type == "v_prediction"
     ema = jax.device_get(state.ema)
     for a, b in zip(jax.tree.leaves(pipe.params["unet"]), jax.tree.leaves(ema["unet"])):
-        np.testing.assert_allclose(a, np.asarray(b, np.float16).astype(np.float32), rtol=0, atol=0)
+        np.testing.assert_array_equal(a, np.asarray(b, np.float16).astype(np.float32))
     assert (tmp_path / "m.tar").stat().st_size > 0

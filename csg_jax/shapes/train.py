@@ -9,11 +9,10 @@ the diffusers on-disk format with ``model_index.json`` declaring ``"csg_jax": {"
 Choices that made a prototype follow the caption (with raw [-1, 1] pixels, SD betas and epsilon
 prediction it ignored the text):
 
-* images are scaled by 0.18215 like SD latents: at SD's betas, unscaled pixels stay readable at
-  almost every timestep, so denoising never has to consult the caption;
-* v-prediction (well-conditioned at both ends of the schedule);
-* the text encoder's token embeddings start with std 1 (Flax's default 1/sqrt(64) makes all
-  captions look alike to a freshly initialised UNet);
+* images are scaled by 0.18215 like SD latents (a lower signal-to-noise ratio at every timestep
+  of SD's betas than raw [-1, 1] pixels);
+* v-prediction;
+* the text encoder's token embeddings start with std 1 (not Flax's default 1/sqrt(64));
 * classifier-free-guidance dropout: the caption is replaced by "" with probability 0.1.
 
 Data: a pool of ``pool_size`` scenes is rendered once (numpy, in worker processes, overlapped
@@ -156,10 +155,10 @@ class PoolJob:
 
     def __init__(self, size: int, seed: int, workers: Optional[int] = None, chunk: int = CHUNK):
         self.size = int(size)
-        self.tasks = [(chunk_seed(seed, i), min(chunk, self.size - i * chunk))
-                      for i in range(math.ceil(self.size / chunk))]
-        if workers is None:
-            workers = (os.cpu_count() or 2) - 1  # leave one core to the compiler
+        self.tasks = _chunk_tasks(self.size, chunk_seed(seed, 0), chunk)
+        if workers is None:  # one core is left to the compiler; containers may show the host's count
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+            workers = min(cores, 32) - 1
         self.workers = max(1, min(int(workers), len(self.tasks)))
         self.start = time.perf_counter()
         self._pool = None
@@ -177,20 +176,36 @@ class PoolJob:
     def _finished(self, _):
         self.seconds = time.perf_counter() - self.start
 
-    def result(self) -> tuple[np.ndarray, list[str]]:
+    def result(self, timeout: Optional[float] = None, fallback: int = 8192) -> tuple[np.ndarray, list[str]]:
+        """The pool. If the workers failed, could not start or are not done within ``timeout``
+        seconds (a worker killed by the OS leaves its task undone forever), ``fallback`` scenes are
+        rendered here and repeated to the full size: the shape the step was compiled for."""
+        parts = None
         if self._pool is not None:
             try:
-                parts = self._async.get()
+                parts = self._async.get(timeout)
+            except Exception as e:
+                print(f"[pool] WARNING: worker processes failed ({type(e).__name__}: {e}); rendering "
+                      f"{min(fallback, self.size)} scenes in-process and repeating them", flush=True)
             finally:
-                self._pool.close()
+                self._pool.terminate()  # done or given up: no stragglers
                 self._pool.join()
-        else:
-            parts = [render_chunk(t) for t in self.tasks]
+        if parts is None:
+            n = min(fallback, self.size)
+            parts = [render_chunk(t) for t in _chunk_tasks(n, self.tasks[0][0], CHUNK)]
         images = np.concatenate([p[0] for p in parts])
         captions = [c for p in parts for c in p[1]]
+        if len(images) < self.size:
+            reps = np.arange(self.size) % len(images)
+            images, captions = images[reps], [captions[i] for i in reps]
         if self.seconds is None:
             self.seconds = time.perf_counter() - self.start
         return images, captions
+
+
+def _chunk_tasks(size: int, first_seed: int, chunk: int) -> list[tuple[int, int]]:
+    """(seed, n) worker tasks covering ``size`` scenes; seeds count up from ``first_seed``."""
+    return [(first_seed + i, min(chunk, size - i * chunk)) for i in range(math.ceil(size / chunk))]
 
 
 def all_captions() -> list[str]:
@@ -498,7 +513,8 @@ def make_train_step(cfg: TrainConfig, configs: dict, unet, text, tx, remat: str 
         decay = jnp.minimum(cfg.ema_decay, (1.0 + n) / (10.0 + n))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr}
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        return new, {"loss": loss, "grad_norm": grad_norm, "lr": lr}
 
     return jax.jit(step, donate_argnums=(0,))
 
@@ -756,7 +772,9 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
         break
 
     # 4. Pool to the device.
-    images, captions = pool_job.result()
+    # Wait at most half of what is left of the budget (a lost worker task would block forever).
+    wait = max(60.0, 0.5 * (opts.time_budget_s - elapsed())) if opts.time_budget_s else None
+    images, captions = pool_job.result(timeout=wait)
     rate = len(images) / pool_job.seconds
     print(f"[pool] {len(images)} scenes in {pool_job.seconds:.1f}s ({rate:.0f} scenes/s, "
           f"{pool_job.workers} workers; ready {elapsed():.1f}s after start)", flush=True)
