@@ -45,19 +45,39 @@ def load_image(path: str, size: int, multiple: int) -> tuple[np.ndarray, list[st
         notices.append(f"converted mode {img.mode} to RGB")
         img = img.convert("RGB")
     w, h = img.size
-    if min(w, h) < 8:
-        raise ImageError(f"image {path} is too small ({w}x{h})")
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    (nw, nh), (cw, ch) = _fit(path, w, h, size, multiple)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
-    cw, ch = nw - nw % multiple, nh - nh % multiple
     if (cw, ch) != (nw, nh):
         left, top = (nw - cw) // 2, (nh - ch) // 2
         img = img.crop((left, top, left + cw, top + ch))
     if (cw, ch) != (w, h):
         notices.append(f"resized {w}x{h} to {cw}x{ch} (short side {size}, sides multiples of {multiple})")
     return np.asarray(img, dtype=np.uint8), notices
+
+
+def _fit(path: str, w: int, h: int, size: int, multiple: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((resized w, h), (cropped w, h)) of a w x h image under :func:`load_image`'s rules."""
+    if min(w, h) < 8:
+        raise ImageError(f"image {path} is too small ({w}x{h})")
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    return (nw, nh), (nw - nw % multiple, nh - nh % multiple)
+
+
+def fitted_size(path: str, size: int, multiple: int) -> tuple[int, int]:
+    """(H, W) that :func:`load_image` will return for ``path``, from the file's header only."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageError(f"cannot read image {path}: {e}") from None
+    _, (cw, ch) = _fit(path, w, h, size, multiple)
+    return ch, cw
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

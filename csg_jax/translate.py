@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--source-word", help="word of the source prompt to edit (only with --target-prompt; default: first differing word)")
     src.add_argument("--inversion", metavar="FILE.npy", help="reuse an inverted latent saved with --save-inversion")
     src.add_argument("--size", type=int, help="short side the image is resized to (default: the model's native size)")
+    src.add_argument("--manifest", metavar="FILE",
+                     help="translate a dataset: JSONL or CSV with image, prompt, task|target_prompt, optional id, "
+                          "seed and per-item settings (see csg_jax/dataset.py); outputs go to OUT/<id>/")
+    src.add_argument("--input-dir", metavar="DIR",
+                     help="translate every image file in DIR with --prompt and --task/--target-prompt (ids: file stems)")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", default=EMBEDDED,
@@ -82,14 +87,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = p.add_argument_group("method")
     e.add_argument("--config", help="YAML with edit settings (configs/*.yaml); flags override it")
-    e.add_argument("--method", choices=["csg", "csg-no-mixup", "ddim"], help="csg (default), csg without mixup, or plain DDIM (Eq. 3)")
+    e.add_argument("--method", choices=["csg", "csg-no-mixup", "ddim", "p2p", "pix2pix-zero"],
+                   help="csg (default), csg without mixup, plain DDIM (Eq. 3), or the baselines Prompt-to-Prompt "
+                        "(its defaults: guidance 7.5, empty negative; configs/p2p.yaml) and Pix2Pix-Zero")
     e.add_argument("--steps", type=int, help="DDIM steps (default 50)")
     e.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 5.0)")
     e.add_argument("--posterior-guidance", type=float, help="lambda of the conditional score guidance, Eq. 15 (default 10)")
     e.add_argument("--negative", choices=["source", "empty"], help="negative prompt: the source prompt (official) or empty")
     e.add_argument("--mask-res", type=int, help="cross-attention resolution used for the mask (default latent size / 4)")
     e.add_argument("--delta", type=float, help="period of the cosine gate, Eq. 16 (default 1.5)")
-    e.add_argument("--inversion-variant", choices=["standard", "official"], help="DDIM inversion: standard or the authors' N-2 step variant")
+    e.add_argument("--inversion-variant", choices=["standard", "official", "null-text"],
+                   help="DDIM inversion: standard, the authors' N-2 step variant, or null-text (standard + per-step "
+                        "optimised negative embeddings, any method)")
+    e.add_argument("--null-text", action="store_true", help="same as --inversion-variant null-text")
+    e.add_argument("--null-text-steps", type=int, help="null-text: Adam steps per timestep (default 10)")
+    e.add_argument("--noise-regularization", action="store_true",
+                   help="Pix2Pix-Zero's auto-correlation + KL regularisation of the inversion's noise (any method)")
+    b = p.add_argument_group("baselines (--method p2p / pix2pix-zero)")
+    b.add_argument("--cross-replace-steps", type=float, help="p2p: fraction of steps with the source's cross-attention (0.8)")
+    b.add_argument("--self-replace-steps", type=float, help="p2p: fraction of steps with the source's coarse self-attention (0.4)")
+    b.add_argument("--local-blend", action="store_true", help="p2p: LocalBlend, keep the source outside the words' maps")
+    b.add_argument("--blend-threshold", type=float, help="p2p: LocalBlend threshold (0.3)")
+    b.add_argument("--equalizer-words", help="p2p: target-prompt words to re-weight (default: the target words)")
+    b.add_argument("--equalizer-scale", type=float, help="p2p: factor on their cross-attention (1: off)")
+    b.add_argument("--xa-guidance", type=float, help="pix2pix-zero: cross-attention guidance step (0.1)")
+    b.add_argument("--source-sentences", metavar="FILE", help="pix2pix-zero: sentences about the source concept, one a line")
+    b.add_argument("--target-sentences", metavar="FILE",
+                   help="pix2pix-zero: sentences about the target concept (edit direction = difference of the mean "
+                        "embeddings; default: target prompt - source prompt)")
     e.add_argument("--encode", choices=["mean", "sample"], help="VAE posterior mean (deterministic) or a seeded sample (official)")
     e.add_argument("--mixup", choices=["two-pass", "single-pass"], help="cross-attention mixup: official two passes or one pass")
     e.add_argument("--seed", type=int, help="seed (used by --encode sample)")
@@ -97,14 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--out", default="out/translate", help="output folder (replaced atomically)")
     o.add_argument("--save-inversion", action="store_true", help="also write inversion.npy (x_T) for later edits")
+    o.add_argument("--save-latents", action="store_true",
+                   help="also write latents.npz (inverted, reconstruction, edited latents; mask_raw, mask)")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    d = p.add_argument_group("datasets (--manifest / --input-dir)")
+    d.add_argument("--batch-size", type=int, default=1, help="images per device per step; global batch = this x all devices")
+    d.add_argument("--distributed", action="store_true",
+                   help="multi-host run: jax.distributed.initialize() (auto-detects TPU pods, SLURM, Open MPI; "
+                        "or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
     return p
 
 
 def edit_config_from_args(args):
     from csg_jax.editing.config import EditConfig
 
-    config = EditConfig.from_yaml(args.config) if args.config else EditConfig()
+    config = EditConfig.from_yaml(args.config) if args.config else EditConfig.for_method(args.method or "csg")
+    if getattr(args, "null_text", False):
+        args.inversion_variant = "null-text"
+    baseline = ("null_text_steps", "cross_replace_steps", "self_replace_steps", "blend_threshold", "equalizer_words",
+                "equalizer_scale", "xa_guidance", "source_sentences", "target_sentences")
+    flags = {name: getattr(args, name, None) for name in baseline}
+    flags.update({name: True for name in ("local_blend", "noise_regularization") if getattr(args, name, False)})
+    config = config.replace(**{k: v for k, v in flags.items() if v is not None})
     overrides = {
         "method": args.method, "num_steps": args.steps, "guidance_scale": args.guidance_scale,
         "posterior_guidance": args.posterior_guidance, "negative_prompt": args.negative, "mask_res": args.mask_res,
@@ -112,6 +152,56 @@ def edit_config_from_args(args):
         "seed": args.seed, "dtype": args.dtype if args.dtype != "float32" else None,
     }
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def write_item_outputs(out_dir: str, result, config, *, model_info: dict, image_info: dict, timings: dict,
+                       save_inversion: bool = False, save_latents: bool = False,
+                       extra_meta: Optional[dict] = None) -> dict:
+    """Write one edit's files (edit.png, reconstruction.png, mask.png, mask_raw.png, grid.png,
+    meta.json; inversion.npy / latents.npz on request) into ``out_dir``, atomically: the folder
+    appears only when complete (:class:`csg_jax.io.StagedDir`). Returns {file name: final path}.
+    Used by the single-image CLI and by dataset runs (csg_jax/dataset.py)."""
+    from csg_jax import io
+    from csg_jax.editing.csg import unet_evaluations, unet_evaluations_per_step
+
+    with io.StagedDir(out_dir) as stage:
+        j = lambda name: os.path.join(stage.path, name)
+        h, w = result.edit.shape[:2]
+        mask_img = io.mask_to_image(result.mask, (h, w))
+        io.save_png(j("edit.png"), io.to_uint8(result.edit))
+        io.save_png(j("reconstruction.png"), io.to_uint8(result.reconstruction))
+        io.save_png(j("mask.png"), mask_img)
+        io.save_png(j("mask_raw.png"), io.mask_to_image(result.mask_raw, (h, w)))
+        source = result.source_image if result.source_image is not None else result.reconstruction
+        io.save_png(j("grid.png"), io.grid([source, io.overlay(source, mask_img), result.reconstruction, result.edit],
+                                           ["source", "mask", "reconstruction", "edit"]))
+        names = ["edit.png", "reconstruction.png", "mask.png", "mask_raw.png", "grid.png"]
+        if save_inversion:
+            io.save_npy(j("inversion.npy"), result.inverted)
+            names.append("inversion.npy")
+            if getattr(result, "null_embeddings", None) is not None:  # null-text: needed to edit x_T again
+                io.save_npy(j("null_embeddings.npy"), result.null_embeddings)
+                names.append("null_embeddings.npy")
+        if save_latents:
+            latents = {"inverted": result.inverted, "reconstruction": result.reconstruction_latent,
+                       "edited": result.edited_latent, "mask_raw": result.mask_raw, "mask": result.mask}
+            io.atomic_write(j("latents.npz"), lambda f: np.savez(f, **{k: np.asarray(v) for k, v in latents.items()}))
+            names.append("latents.npz")
+        meta = {
+            "settings": dataclasses.asdict(config),
+            "prompts": result.plan.to_dict(),
+            "model": model_info,
+            "image": image_info,
+            "unet_evaluations": {"per_step": unet_evaluations_per_step(config), "total": unet_evaluations(config)},
+            "timings_s": timings,
+            **({"null_text_iterations": np.asarray(result.null_text_iterations).tolist()}
+               if getattr(result, "null_text_iterations", None) is not None else {}),
+            **(extra_meta or {}),
+        }
+        io.save_json(j("meta.json"), meta)
+        names.append("meta.json")
+        out = stage.commit()
+    return {name: os.path.join(out, name) for name in names}
 
 
 def run(args) -> str:
@@ -144,12 +234,15 @@ def run(args) -> str:
     phases.set_description("read image")
     native = pipe.unet.config.sample_size * pipe.downsample
     size = args.size or native
-    notices, image, inverted = [], None, None
+    notices, image, inverted, null_embeddings = [], None, None, None
     if args.inversion:
         try:
             inverted = np.load(args.inversion)
         except (OSError, ValueError) as e:
             raise ImageError(f"cannot read the inversion file {args.inversion}: {e}") from None
+        nulls = os.path.join(os.path.dirname(os.path.abspath(args.inversion)), "null_embeddings.npy")
+        if config.inversion == "null-text" and os.path.isfile(nulls):
+            null_embeddings = np.load(nulls)
     elif args.demo and not args.image:
         image = demo_image(size - size % image_multiple(pipe))
     else:
@@ -159,38 +252,20 @@ def run(args) -> str:
     phases.update()
     phases.set_description(f"{config.method} edit (compile+run)")
     result = translate_image(pipe, image, args.prompt, task=args.task, target_prompt=args.target_prompt,
-                             config=config, inverted=inverted, source_word=args.source_word)
+                             config=config, inverted=inverted, source_word=args.source_word,
+                             null_embeddings=null_embeddings)
     for w in result.plan.warnings:
         tqdm.write(f"warning: {w}", file=sys.stderr)
     phases.update()
     phases.set_description("write outputs")
 
-    with io.StagedDir(args.out) as stage:
-        j = lambda name: os.path.join(stage.path, name)
-        h, w = result.edit.shape[:2]
-        mask_img = io.mask_to_image(result.mask, (h, w))
-        io.save_png(j("edit.png"), io.to_uint8(result.edit))
-        io.save_png(j("reconstruction.png"), io.to_uint8(result.reconstruction))
-        io.save_png(j("mask.png"), mask_img)
-        io.save_png(j("mask_raw.png"), io.mask_to_image(result.mask_raw, (h, w)))
-        source = result.source_image if result.source_image is not None else result.reconstruction
-        io.save_png(j("grid.png"), io.grid([source, io.overlay(source, mask_img), result.reconstruction, result.edit],
-                                           ["source", "mask", "reconstruction", "edit"]))
-        if args.save_inversion:
-            io.save_npy(j("inversion.npy"), result.inverted)
-        from csg_jax.editing.csg import unet_evaluations, unet_evaluations_per_step
-
-        meta = {
-            "settings": dataclasses.asdict(config),
-            "prompts": result.plan.to_dict(),
-            "model": {k: v for k, v in model_summary(pipe).items() if k != "unet"},
-            "image": {"path": args.image, "demo": bool(args.demo and not args.image), "notices": notices,
-                      "inversion_file": args.inversion, "size": [h, w]},
-            "unet_evaluations": {"per_step": unet_evaluations_per_step(config), "total": unet_evaluations(config)},
-            "timings_s": {"load": load_s, **result.timings},
-        }
-        io.save_json(j("meta.json"), meta)
-        out = stage.commit()
+    paths = write_item_outputs(
+        args.out, result, config, model_info={k: v for k, v in model_summary(pipe).items() if k != "unet"},
+        image_info={"path": args.image, "demo": bool(args.demo and not args.image), "notices": notices,
+                    "inversion_file": args.inversion, "size": list(result.edit.shape[:2])},
+        timings={"load": load_s, **result.timings}, save_inversion=args.save_inversion,
+        save_latents=args.save_latents)
+    out = os.path.dirname(paths["meta.json"])
     phases.update()
     phases.close()
     return out
@@ -198,6 +273,17 @@ def run(args) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.manifest or args.input_dir:  # dataset mode: exit 0 all ok, 3 some items failed, 2 fatal
+        from csg_jax.dataset import run_cli
+
+        try:
+            return run_cli(args)
+        except CSGError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted; finished items are in results.jsonl, rerun to resume", file=sys.stderr)
+            return 130
     try:
         out = run(args)
     except CSGError as e:

@@ -1,6 +1,7 @@
 """Speed and memory of the editing methods: seconds per image, compile time, UNet evaluations, peak memory.
 
     python scripts/benchmark.py --models tiny,sd15 --steps 10 --size 256 --json benchmark.json
+    python scripts/benchmark.py --dataset --models tiny --steps 10 --batch-sizes 1,2,4,8 --json bench_dataset.json
 
 For each model and method it compiles the encode / invert / edit / decode functions (timed
 separately), then times full edits (inversion included) and reports:
@@ -12,7 +13,9 @@ separately), then times full edits (inversion included) and reports:
   (target: <= 0.15);
 * ``peak_bytes``: device peak memory where the backend reports it (GPU/TPU), else the
   compiled program's temp + argument size from XLA's memory analysis;
-* ``single_pass_vs_two_pass``: how far the one-pass mixup moves the edit from the official two-pass one.
+* ``single_pass_vs_two_pass``: how far the one-pass mixup moves the edit from the official two-pass one;
+* ``pix2pix_zero_vs_csg``: Pix2Pix-Zero's time per image over CSG's (and the UNet-evaluation ratio; a
+  backward pass through the UNet counts as ``csg.BACKWARD_COST`` = 2 evaluations).
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from csg_jax.editing import csg  # noqa: E402
 from csg_jax.editing.config import EditConfig  # noqa: E402
-from csg_jax.editing.editor import Editor, batch_prompts, plan_prompts  # noqa: E402
+from csg_jax.editing.editor import Editor, batch_prompts, method_knobs, plan_prompts  # noqa: E402
 
 METHODS = {
     "ddim": dict(method="ddim"),
     "csg-no-mixup": dict(method="csg-no-mixup"),
     "csg": dict(method="csg"),
     "csg-single-pass": dict(method="csg", mixup="single-pass"),
+    "p2p": dict(method="p2p"),  # the paper's comparison setting (cost does not depend on the guidance)
+    "pix2pix-zero": dict(method="pix2pix-zero"),  # backprop through the UNet counted as 2 evaluations
 }
 
 
@@ -78,6 +83,7 @@ def bench_method(pipe, image, plan, config: EditConfig, repeats: int, batch: int
     prompts = batch_prompts(pipe, [plan] * batch)
     images = jnp.asarray(np.repeat(image, batch, axis=0))
     knobs = csg.Knobs.from_config(config)
+    extra = method_knobs(config)  # P2P / Pix2Pix-Zero array settings (None otherwise)
     params = pipe.params
 
     t0 = time.perf_counter()
@@ -85,8 +91,8 @@ def bench_method(pipe, image, plan, config: EditConfig, repeats: int, batch: int
     x0 = c_encode(params, images, None)
     c_invert = editor._invert.lower(params, x0, prompts.source).compile()
     x_T = c_invert(params, x0, prompts.source)
-    c_edit = editor._edit.lower(params, x_T, prompts, knobs).compile()
-    out = c_edit(params, x_T, prompts, knobs)
+    c_edit = editor._edit.lower(params, x_T, prompts, knobs, extra).compile()
+    out = c_edit(params, x_T, prompts, knobs, extra)
     c_decode = editor._decode.lower(params, out["edited"]).compile()
     jax.block_until_ready(c_decode(params, out["edited"]))
     compile_s = time.perf_counter() - t0  # includes one run of each (small next to compilation)
@@ -98,7 +104,7 @@ def bench_method(pipe, image, plan, config: EditConfig, repeats: int, batch: int
         t1 = time.perf_counter()
         x_T = jax.block_until_ready(c_invert(params, x0, prompts.source))
         t2 = time.perf_counter()
-        out = jax.block_until_ready(c_edit(params, x_T, prompts, knobs))
+        out = jax.block_until_ready(c_edit(params, x_T, prompts, knobs, extra))
         t3 = time.perf_counter()
         jax.block_until_ready(c_decode(params, out["edited"]))
         t4 = time.perf_counter()
@@ -119,6 +125,65 @@ def bench_method(pipe, image, plan, config: EditConfig, repeats: int, batch: int
     return row, np.asarray(out["edited"])
 
 
+def bench_dataset(args) -> dict:
+    """Images/s of dataset runs (``DatasetRun``: loading, sharded batches, writing) per batch size.
+
+    Per model and batch size B: ``--dataset-batches`` global batches of B x devices items
+    (shapes-world PNGs with a recolour task, written to a temp folder). A first run compiles (and
+    is reported as ``compile_run_s``); a second run on the same items into a fresh output folder
+    reuses the compiled program and gives ``images_per_s`` (end to end: read, plan, compute,
+    write) and ``steady_images_per_s`` (after its first batch).
+    """
+    import shutil
+
+    from csg_jax.dataset import DatasetRun, read_manifest
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from make_demo_manifest import make_demo_manifest
+
+    devices = jax.device_count()
+    report = {"mode": "dataset", "device": str(jax.devices()[0]), "backend": jax.default_backend(),
+              "devices": devices, "processes": jax.process_count(), "host": platform.node(),
+              "cpu_count": os.cpu_count(), "steps": args.steps, "dtype": args.dtype, "method": "csg", "results": {}}
+    print(f"dataset mode: {devices} x {report['device']}  steps: {args.steps}  dtype: {args.dtype}")
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    tmp = tempfile.mkdtemp(prefix="bench_dataset_")
+    try:
+        for model in args.models.split(","):
+            pipe = build_pipeline(model, getattr(jnp, args.dtype))
+            size = args.tiny_size if model == "tiny" else args.size
+            n_max = max(sizes) * devices * args.dataset_batches
+            manifest = make_demo_manifest(os.path.join(tmp, f"data_{model}_{size}"), n=n_max, size=size)
+            all_items = read_manifest(manifest)
+            config = EditConfig(num_steps=args.steps, dtype=args.dtype)
+            print(f"\n{model}: {size}px\n{'batch/device':>12}{'images':>8}{'images/s':>10}{'steady':>10}{'compile+run s':>15}")
+            rows = {}
+            for b in sizes:
+                items = all_items[: b * devices * args.dataset_batches]
+                runs = []
+                for k in range(2):
+                    out = os.path.join(tmp, f"out_{model}_{b}_{k}")
+                    runs.append(DatasetRun(pipe, items, config, out, batch_size=b, size=size, quiet=True).run())
+                    shutil.rmtree(out, ignore_errors=True)
+                warm = runs[1]
+                if warm["failed"]:
+                    raise RuntimeError(f"{warm['failed']} items failed in the benchmark run")
+                rows[str(b)] = {"images": warm["ok"], "images_per_s": warm["images_per_s"],
+                                "steady_images_per_s": warm["steady_images_per_s"], "wall_s": warm["wall_s"],
+                                "compile_run_s": runs[0]["wall_s"], "global_batch": warm["global_batch"]}
+                steady = warm["steady_images_per_s"]
+                print(f"{b:>12}{warm['ok']:>8}{warm['images_per_s']:>10.3f}{(steady or float('nan')):>10.3f}"
+                      f"{runs[0]['wall_s']:>15.1f}")
+            report["results"][model] = {"size": size, "batch_sizes": rows}
+            del pipe
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {args.json}")
+    return report
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,sd15", help="comma list: tiny, sd15 (random SD-1.5-shaped), or model folders")
@@ -130,7 +195,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", default="benchmark.json")
+    p.add_argument("--dataset", action="store_true",
+                   help="dataset mode: images/s of `translate --manifest` runs (csg_jax/dataset.py) per --batch-sizes")
+    p.add_argument("--batch-sizes", default="1,2,4,8", help="dataset mode: images per device per step")
+    p.add_argument("--dataset-batches", type=int, default=3, help="dataset mode: global batches per measurement")
     args = p.parse_args(argv)
+    if args.dataset:
+        return bench_dataset(args)
 
     dtype = getattr(jnp, args.dtype)
     report = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "host": platform.node(),
@@ -156,6 +227,11 @@ def main(argv=None):
             peak = row.get("device_peak_bytes") or (row.get("compiled_temp_bytes", 0) + row.get("compiled_argument_bytes", 0))
             print(f"{name:<18}{row['s_per_image']:>10.3f}{row['compile_s']:>11.1f}{row['unet_evals']:>12}"
                   f"{row['s_per_unet_eval']:>10.4f}{row.get('bookkeeping_overhead', float('nan')):>+10.1%}{peak / 2**20:>10.0f}")
+        if "csg" in rows and "pix2pix-zero" in rows:
+            ratio = rows["pix2pix-zero"]["s_per_image"] / rows["csg"]["s_per_image"]
+            evals = rows["pix2pix-zero"]["unet_evals"] / rows["csg"]["unet_evals"]
+            rows["pix2pix_zero_vs_csg"] = {"time_ratio": ratio, "unet_eval_ratio": evals}
+            print(f"pix2pix-zero / csg: {ratio:.2f}x the time per image ({evals:.2f}x the UNet evaluations)")
         if "csg" in edits and "csg-single-pass" in edits:
             d = np.abs(edits["csg"] - edits["csg-single-pass"])
             scale = float(np.abs(edits["csg"]).mean())

@@ -7,6 +7,9 @@
 # final export all included). Afterwards a sample grid + colour-adherence check runs (<= SAMPLE_S
 # seconds, default 90; SAMPLE_S=0 skips it). Works without installing the package (PYTHONPATH=.).
 #
+# EXTRA_ARGS / SAMPLE_ARGS are appended to the trainer's / sampler's arguments (later flags win),
+# e.g. EXTRA_ARGS="--dtype bfloat16" or, for a CPU rehearsal, EXTRA_ARGS="--pool-size 512".
+#
 # Results in $OUT (flat, few files, so all of them come back from a device run):
 #   shapes_model.tar     the diffusers-format export (EMA weights, fp16), rewritten at every export,
 #                        so a run cut off early still leaves the last one; untar -> shapes_model/
@@ -47,13 +50,13 @@ EOF
 python3 scripts/train_shapes.py \
   --out "$CKPT" --export "$EXPORT" --export-tar "$OUT/shapes_model.tar" --log "$OUT/train_log.jsonl" \
   --batch-size "$BATCH" --steps 30000 --time-budget-s "$BUDGET" --pool-size 100000 --export-every 120 \
-  2>&1 | tee "$OUT/train_stdout.txt"
+  ${EXTRA_ARGS:-} 2>&1 | tee "$OUT/train_stdout.txt"
 rc=${PIPESTATUS[0]}
 echo "train_shapes.py exit code $rc"
 
 if [ "$SAMPLE_S" -gt 0 ] && [ -f "$EXPORT/model_index.json" ]; then
   timeout "$SAMPLE_S" python3 -m csg_jax.shapes.sample --model "$EXPORT" --out "$OUT/samples.png" \
-    --json "$OUT/sample_metrics.json" -n 64 \
+    --json "$OUT/sample_metrics.json" -n 64 ${SAMPLE_ARGS:-} \
     || echo "sampling failed or timed out (the model in shapes_model.tar is unaffected)"
 fi
 ls -la "$OUT"

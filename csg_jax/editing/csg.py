@@ -18,10 +18,11 @@ Shapes: B images, latents (B, h, w, C), text contexts (B, 77, D), masks (B, h, w
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from csg_jax.editing.config import EditConfig
 from csg_jax.models.attention import AttentionControl, blend_probs
@@ -31,16 +32,32 @@ from csg_jax.schedule import DDIMSchedule, ddim_transfer, gamma, inversion_plan,
 
 
 class Knobs(NamedTuple):
-    """Float settings passed as arrays, so sweeping them does not recompile."""
+    """Float settings passed as arrays, so sweeping them does not recompile.
 
-    guidance_scale: jax.Array  # () classifier-free guidance scale
-    posterior_guidance: jax.Array  # () lambda^pre, Eq. 15
-    delta: jax.Array  # () period of the cosine gate, Eq. 16
+    Each is a scalar () shared by the batch, or a (B,) array with one value per image (datasets
+    whose items override guidance_scale / posterior_guidance / delta).
+    """
+
+    guidance_scale: jax.Array  # () or (B,) classifier-free guidance scale
+    posterior_guidance: jax.Array  # () or (B,) lambda^pre, Eq. 15
+    delta: jax.Array  # () or (B,) period of the cosine gate, Eq. 16
 
     @classmethod
     def from_config(cls, config: EditConfig) -> "Knobs":
         f = lambda v: jnp.asarray(v, jnp.float32)
         return cls(f(config.guidance_scale), f(config.posterior_guidance), f(config.delta))
+
+    @classmethod
+    def stack(cls, configs) -> "Knobs":
+        """(B,) float32 numpy arrays, one value per config (host arrays, ready for device_put)."""
+        f = lambda name: np.asarray([getattr(c, name) for c in configs], np.float32)
+        return cls(f("guidance_scale"), f("posterior_guidance"), f("delta"))
+
+
+def per_image(v) -> jax.Array:
+    """A () knob as is, a (B,) knob as (B, 1, 1, 1): broadcastable against (B, h, w, C) latents."""
+    v = jnp.asarray(v)
+    return v.reshape(-1, 1, 1, 1) if v.ndim == 1 else v
 
 
 class Prompts(NamedTuple):
@@ -52,6 +69,10 @@ class Prompts(NamedTuple):
     source_columns: jax.Array  # (B, K) int32, token positions of the source word (padded)
     source_weights: jax.Array  # (B, K) float32, 1/len(span) on the span, 0 on padding
     ref_columns: jax.Array  # (B, 77) int32, source column used for each target column (token matching)
+    # Prompt-to-Prompt (local blend, equalizer); None where a caller builds Prompts without them.
+    # Full-width (77 columns), so that target words of any length share one compiled program.
+    target_weights: Optional[jax.Array] = None  # (B, 77) float32, 1/len(span) on the target words' columns
+    reweight_columns: Optional[jax.Array] = None  # (B, 77) float32, 1 on the columns the equalizer scales
 
 
 class SourceStats(NamedTuple):
@@ -122,16 +143,31 @@ def step_mask(records: dict, prompts: Prompts, layers: LayerPlan, latent_hw) -> 
     return resize_2d(m, tuple(latent_hw), "bicubic")
 
 
-def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, layers: LayerPlan) -> SourceResult:
-    """Reverse DDIM on the source prompt, recording what the mask and the guidance need."""
+def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, layers: LayerPlan,
+                uncond: Optional[jax.Array] = None, guidance_scale=None) -> SourceResult:
+    """Reverse DDIM on the source prompt, recording what the mask and the guidance need.
+
+    With ``uncond`` (N, B, 77, D), per-step negative contexts from null-text inversion, each step
+    is classifier-free guided, eps(uncond_i) + g (eps(source) - eps(uncond_i)) (two UNet
+    evaluations; the statistics come from the conditional half): the trajectory the null
+    embeddings were optimised to follow.
+    """
     b, h, w, _ = x_T.shape
     record = tuple((l.name, "token_mean") for l in layers.mask_layers) + ((layers.self_layer.name, "head_mean"),)
     control = AttentionControl(record=record, token_columns=prompts.source_columns)
+    if uncond is not None:
+        control = AttentionControl(record=record, token_columns=jnp.concatenate([prompts.source_columns] * 2))
     timesteps, alpha_t, alpha_prev = sampling_plan(schedule)
 
     def step(carry: SourceStats, xs):
-        t, a_t, a_prev = xs
-        out, rec = _unet(pipe, params, carry.latent, t, prompts.source, control)
+        t, a_t, a_prev, *negative = xs
+        if uncond is None:
+            out, rec = _unet(pipe, params, carry.latent, t, prompts.source, control)
+        else:
+            pair, rec = _unet(pipe, params, jnp.concatenate([carry.latent] * 2), t,
+                              jnp.concatenate([negative[0], prompts.source]), control)
+            out = pair[:b] + per_image(guidance_scale) * (pair[b:] - pair[:b])
+            rec = {k: v[b:] for k, v in rec.items()}
         nxt = ddim_transfer(out, carry.latent, a_t, a_prev, schedule.prediction_type)
         stats = SourceStats(
             nxt,
@@ -142,7 +178,8 @@ def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, lay
 
     q = layers.self_layer.resolution[0] * layers.self_layer.resolution[1]
     init = SourceStats(x_T.astype(jnp.float32), jnp.zeros((b, h, w)), jnp.zeros((b, q, q)))
-    final, trajectory = jax.lax.scan(step, init, (timesteps, alpha_t, alpha_prev))
+    xs = (timesteps, alpha_t, alpha_prev) + (() if uncond is None else (uncond,))
+    final, trajectory = jax.lax.scan(step, init, xs)
     n = timesteps.shape[0]
     mask_raw = jnp.clip(final.mask_sum / n, 0.0, 1.0)
     self_attn = final.self_attn_sum / n
@@ -173,16 +210,21 @@ def guidance_gate(step_index, num_steps: int, background: jax.Array, delta) -> j
 
 
 def target_pass(pipe, params, x_T, prompts: Prompts, source: SourceResult, schedule: DDIMSchedule,
-                layers: LayerPlan, config: EditConfig, knobs: Knobs) -> jax.Array:
-    """Reverse process of the edit; returns the final latent (B, h, w, C)."""
+                layers: LayerPlan, config: EditConfig, knobs: Knobs, uncond: Optional[jax.Array] = None) -> jax.Array:
+    """Reverse process of the edit; returns the final latent (B, h, w, C).
+
+    ``uncond`` (N, B, 77, D): per-step negative contexts (null-text inversion) instead of
+    ``prompts.negative``.
+    """
     b = x_T.shape[0]
     timesteps, alpha_t, alpha_prev = sampling_plan(schedule)
     n = timesteps.shape[0]
     background = (1.0 - source.mask)[..., None]  # P^src, Eq. 12, (B, h, w, 1)
-    pair_ctx = jnp.concatenate([prompts.negative, prompts.target])
+    guidance_scale, posterior_guidance, delta = (per_image(k) for k in knobs)  # () or (B, 1, 1, 1)
+    pair_ctx0 = jnp.concatenate([prompts.negative, prompts.target])
     if config.uses_mixup:
         weights = mixup_weights(source.mask, layers)
-        triple_ctx = jnp.concatenate([prompts.source, pair_ctx])
+        triple_ctx0 = jnp.concatenate([prompts.source, pair_ctx0])
         pair_cols = jnp.concatenate([prompts.ref_columns, prompts.ref_columns])
         pair_weights = {k: jnp.concatenate([v, v]) for k, v in weights.items()}
         if config.mixup == "single-pass":
@@ -195,9 +237,14 @@ def target_pass(pipe, params, x_T, prompts: Prompts, source: SourceResult, sched
             )
         record_all = AttentionControl(record=tuple((l.name, "probs") for l in layers.cross_layers))
 
-    def model_output(x_tgt, x_src, t):
+    def model_output(x_tgt, x_src, t, negative=None):
         """CFG output of the target branch (Eq. 13 mixup when enabled)."""
         pair_x = jnp.concatenate([x_tgt, x_tgt])
+        if negative is not None:  # this step's null-text embedding
+            pair_ctx = jnp.concatenate([negative, prompts.target])
+            triple_ctx = jnp.concatenate([prompts.source, pair_ctx])
+        else:
+            pair_ctx, triple_ctx = pair_ctx0, (triple_ctx0 if config.uses_mixup else None)
         if not config.uses_mixup:
             out, _ = _unet(pipe, params, pair_x, t, pair_ctx)
         elif config.mixup == "single-pass":
@@ -211,32 +258,54 @@ def target_pass(pipe, params, x_T, prompts: Prompts, source: SourceResult, sched
             }
             out, _ = _unet(pipe, params, pair_x, t, pair_ctx, AttentionControl(inject=inject))
         uncond, cond = out[:b], out[b:]
-        return uncond + knobs.guidance_scale * (cond - uncond)
+        return uncond + guidance_scale * (cond - uncond)
 
     def step(x_tgt, xs):
-        i, t, a_t, a_prev, x_src = xs
-        x_prev = ddim_transfer(model_output(x_tgt, x_src, t), x_tgt, a_t, a_prev, schedule.prediction_type)
+        i, t, a_t, a_prev, x_src, *negative = xs
+        out = model_output(x_tgt, x_src, t, negative[0] if negative else None)
+        x_prev = ddim_transfer(out, x_tgt, a_t, a_prev, schedule.prediction_type)
         if config.uses_guidance:  # Eq. 14-18: pull the background toward the source trajectory
-            omega = knobs.posterior_guidance * background * guidance_gate(i, n, background, knobs.delta)
+            omega = posterior_guidance * background * guidance_gate(i, n, background, delta)
             x_prev = x_prev - gamma(a_t, a_prev) * omega * (x_tgt - x_src)
         return x_prev, None
 
-    xs = (jnp.arange(n), timesteps, alpha_t, alpha_prev, source.trajectory)
+    xs = (jnp.arange(n), timesteps, alpha_t, alpha_prev, source.trajectory) + (() if uncond is None else (uncond,))
     edited, _ = jax.lax.scan(step, x_T.astype(jnp.float32), xs)
     return edited
 
 
+BACKWARD_COST = 2  # a backward pass through the UNet counted as ~2 forward evaluations (reverse mode)
+
+
 def unet_evaluations_per_step(config: EditConfig) -> dict:
-    """UNet image-evaluations per image per step of each phase (for benchmarks and meta.json)."""
-    target = {"ddim": 2, "csg-no-mixup": 2}.get(config.method)
-    if target is None:
-        target = 3 if config.mixup == "single-pass" else 5
-    return {"inversion": 1, "source": 1, "target": target}
+    """UNet image-evaluations per image per step of each phase (for benchmarks and meta.json).
+
+    A gradient (forward + backward through the UNet) counts as 1 + BACKWARD_COST evaluations.
+    P2P's "source" is its source branch, evaluated in the target's batched call. "null_text"
+    (inversion "null-text") is the upper bound: one conditional evaluation, at most
+    ``null_text_steps`` gradients of the negative branch, one final negative evaluation; early
+    stopping takes fewer.
+    """
+    null = config.inversion == "null-text"
+    cfg_source = 2 if null else 1  # with per-step null embeddings the source pass is guided
+    grad = 1 + BACKWARD_COST
+    if config.method == "p2p":
+        per = {"inversion": 1, "source": 2, "target": 2}
+    elif config.method == "pix2pix-zero":  # reference maps, gradient on both CFG halves, edited prediction
+        per = {"inversion": 1, "source": cfg_source, "target": cfg_source + 2 * grad + 2}
+    else:
+        target = {"ddim": 2, "csg-no-mixup": 2}.get(config.method)
+        if target is None:
+            target = 3 if config.mixup == "single-pass" else 5
+        per = {"inversion": 1, "source": cfg_source, "target": target}
+    if null:
+        per["null_text"] = 2 + grad * int(config.null_text_steps)
+    return per
 
 
 def unet_evaluations(config: EditConfig) -> int:
     per = unet_evaluations_per_step(config)
     n = config.num_steps
     inv = n - 2 if config.inversion == "official" else n
-    return per["inversion"] * inv + per["source"] * n + per["target"] * n
+    return per["inversion"] * inv + sum(v for k, v in per.items() if k != "inversion") * n
 

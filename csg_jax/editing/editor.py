@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from csg_jax import prompts as P
-from csg_jax.editing import csg
+from csg_jax.editing import csg, null_text, p2p, pix2pix_zero
 from csg_jax.editing.config import EditConfig
 from csg_jax.errors import ImageError, PromptError
 from csg_jax.schedule import make_schedule
@@ -124,27 +124,72 @@ def _diff_words(source_prompt: str, target_prompt: str, source_word: Optional[st
     )
 
 
-def batch_prompts(pipe, plans: Sequence[PromptPlan]) -> csg.Prompts:
-    """Stack per-image prompt plans into one :class:`csg.Prompts` batch."""
-    texts = [p.source_prompt for p in plans] + [p.negative_prompt for p in plans] + [p.target_prompt for p in plans]
-    states = pipe.embed(texts)
-    b = len(plans)
-    k = max(p.source_span[1] - p.source_span[0] for p in plans)
-    cols = np.zeros((b, k), np.int32)
-    wts = np.zeros((b, k), np.float32)
-    for i, p in enumerate(plans):
-        span = list(range(*p.source_span))
+def _span_arrays(spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token spans -> (B, K) int32 positions (padded with the first) and (B, K) weights 1/len (0 on padding)."""
+    k = max(end - start for start, end in spans)
+    cols = np.zeros((len(spans), k), np.int32)
+    wts = np.zeros((len(spans), k), np.float32)
+    for i, (start, end) in enumerate(spans):
+        span = list(range(start, end))
         cols[i, : len(span)] = span
         cols[i, len(span):] = span[0]
         wts[i, : len(span)] = 1.0 / len(span)
+    return cols, wts
+
+
+def word_spans(tokenizer, prompt: str, words: str) -> list[tuple[int, int]]:
+    """Token spans [start, end) (BOS = 0) of each occurrence of each whitespace-separated word of
+    ``words`` in ``prompt``; PromptError if a word does not occur."""
+    spans = []
+    for word in words.split():
+        found = False
+        for match in re.finditer(rf"(?<![^\W\d_]){re.escape(word)}(?![^\W\d_])", prompt, re.IGNORECASE):
+            start = 1 + _token_count(tokenizer, prompt[: match.start()])
+            spans.append((start, start + _token_count(tokenizer, match.group(0))))
+            found = True
+        if not found:
+            raise PromptError(f"The equalizer word {word!r} does not appear in the target prompt {prompt!r}.")
+    return spans
+
+
+def batch_prompts(pipe, plans: Sequence[PromptPlan], equalizer_words: Optional[str] = None) -> csg.Prompts:
+    """Stack per-image prompt plans into one :class:`csg.Prompts` batch.
+
+    ``equalizer_words``: words of the target prompts whose cross-attention columns Prompt-to-Prompt's
+    equalizer re-weights (default: the target words).
+    """
+    texts = [p.source_prompt for p in plans] + [p.negative_prompt for p in plans] + [p.target_prompt for p in plans]
+    states = pipe.embed(texts)
+    b = len(plans)
+    cols, wts = _span_arrays([p.source_span for p in plans])
+    target = np.zeros((b, pipe.max_length), np.float32)
+    reweight = np.zeros((b, pipe.max_length), np.float32)
+    for i, p in enumerate(plans):
+        start, end = p.target_span
+        target[i, start:end] = 1.0 / (end - start)
+        spans = [p.target_span] if equalizer_words is None else word_spans(pipe.tokenizer, p.target_prompt, equalizer_words)
+        for start, end in spans:
+            reweight[i, start : min(end, pipe.max_length)] = 1.0
     ref = np.asarray([p.ref_columns for p in plans], np.int32)
-    return csg.Prompts(states[:b], states[b : 2 * b], states[2 * b :], jnp.asarray(cols), jnp.asarray(wts), jnp.asarray(ref))
+    return csg.Prompts(states[:b], states[b : 2 * b], states[2 * b :], jnp.asarray(cols), jnp.asarray(wts), jnp.asarray(ref),
+                       jnp.asarray(target), jnp.asarray(reweight))
 
 
 def static_config(config: EditConfig) -> EditConfig:
     """The part of a config that shapes the compiled program (floats and seeds travel as arrays)."""
     return config.replace(guidance_scale=0.0, posterior_guidance=0.0, delta=1.0, seed=0, negative_prompt="source",
-                          encode="mean")
+                          encode="mean", cross_replace_steps=0.0, self_replace_steps=0.0, blend_threshold=0.0,
+                          blend_start=0.0, equalizer_words=None, equalizer_scale=1.0, xa_guidance=0.0,
+                          source_sentences=None, target_sentences=None)
+
+
+def method_knobs(config: EditConfig):
+    """The method's own array-valued settings (None for CSG and DDIM)."""
+    if config.method == "p2p":
+        return p2p.Knobs.from_config(config)
+    if config.method == "pix2pix-zero":
+        return pix2pix_zero.Knobs.from_config(config)
+    return None
 
 
 class EditOutputs(dict):
@@ -165,9 +210,11 @@ class Editor:
         self.schedule = make_schedule(pipe.scheduler_config, config.num_steps)
         mask_res = config.mask_res or pipe.defaults.get("mask_res") or config.mask_resolution(self.latent_hw)
         self.layers = csg.plan_layers(pipe.unet.config, self.latent_hw, int(mask_res))
-        self.trace_counts = {"encode": 0, "invert": 0, "edit": 0, "decode": 0}
+        self.p2p_layers = p2p.plan_layers(pipe.unet.config, self.latent_hw, self.layers)
+        self.trace_counts = {"encode": 0, "invert": 0, "edit": 0, "decode": 0, "null_text": 0}
         self._encode = jax.jit(self._encode_impl)
         self._invert = jax.jit(self._invert_impl)
+        self._null_text = jax.jit(self._null_text_impl)
         self._edit = jax.jit(self._edit_impl)
         self._decode = jax.jit(self._decode_impl)
 
@@ -176,14 +223,39 @@ class Editor:
         self.trace_counts["encode"] += 1
         return self.pipe.encode(params, images, rng)
 
-    def _invert_impl(self, params, x0, source_ctx):
-        self.trace_counts["invert"] += 1
-        return csg.invert(self.pipe, params, x0, source_ctx, self.schedule, self.config.inversion)
+    def _noise_fn(self, rng):
+        if not self.config.noise_regularization:
+            return None
+        return pix2pix_zero.noise_regularizer(jax.random.PRNGKey(0) if rng is None else rng)
 
-    def _edit_impl(self, params, x_T, prompts: csg.Prompts, knobs: csg.Knobs):
+    def _invert_impl(self, params, x0, source_ctx, rng=None):
+        self.trace_counts["invert"] += 1
+        variant = "official" if self.config.inversion == "official" else "standard"
+        if self.config.noise_regularization:
+            return null_text.ddim_inversion(self.pipe, params, x0, source_ctx, self.schedule, variant, self._noise_fn(rng))[0]
+        return csg.invert(self.pipe, params, x0, source_ctx, self.schedule, variant)
+
+    def _null_text_impl(self, params, x0, prompts: csg.Prompts, knobs: csg.Knobs, rng=None):
+        self.trace_counts["null_text"] += 1
+        return null_text.null_text_inversion(self.pipe, params, x0, prompts.source, prompts.negative, self.schedule,
+                                             knobs.guidance_scale, int(self.config.null_text_steps), self._noise_fn(rng))
+
+    def _edit_impl(self, params, x_T, prompts: csg.Prompts, knobs: csg.Knobs, extra_knobs=None, uncond=None):
+        """``extra_knobs``: :func:`method_knobs`; ``uncond``: (N, B, 77, D) null-text embeddings or None."""
         self.trace_counts["edit"] += 1
-        source = csg.source_pass(self.pipe, params, x_T, prompts, self.schedule, self.layers)
-        edited = csg.target_pass(self.pipe, params, x_T, prompts, source, self.schedule, self.layers, self.config, knobs)
+        method = self.config.method
+        if method in ("p2p", "pix2pix-zero") and extra_knobs is None:
+            raise ValueError(f"method {method!r} needs its knobs: pass editor.method_knobs(config) as extra_knobs")
+        if method == "p2p":
+            return p2p.edit(self.pipe, params, x_T, prompts, self.schedule, self.p2p_layers, self.config, knobs,
+                            extra_knobs, uncond)
+        source = csg.source_pass(self.pipe, params, x_T, prompts, self.schedule, self.layers, uncond, knobs.guidance_scale)
+        if method == "pix2pix-zero":
+            edited = pix2pix_zero.target_pass(self.pipe, params, x_T, prompts, source, self.schedule, self.layers, knobs,
+                                              extra_knobs, uncond)
+        else:
+            edited = csg.target_pass(self.pipe, params, x_T, prompts, source, self.schedule, self.layers, self.config,
+                                     knobs, uncond)
         return {"reconstruction": source.reconstruction, "edited": edited, "mask_raw": source.mask_raw, "mask": source.mask}
 
     def _decode_impl(self, params, latents):
@@ -196,16 +268,38 @@ class Editor:
         rng = None if sample_seed is None else jax.random.PRNGKey(sample_seed)
         return self._encode(self.pipe.params, images, rng)  # None is an empty pytree: its own compilation
 
-    def invert(self, x0, source_ctx):
-        return self._invert(self.pipe.params, x0, source_ctx)
+    def _rng(self, seed):
+        return jax.random.PRNGKey(seed) if self.config.noise_regularization else None
 
-    def edit(self, x_T, prompts: csg.Prompts, config: EditConfig) -> dict:
+    def invert(self, x0, source_ctx, seed: int = 0):
+        """x_T (B, h, w, C); ``seed`` draws the rolls of the optional noise regularisation."""
+        return self._invert(*_trim(self.pipe.params, x0, source_ctx, self._rng(seed)))
+
+    def invert_null_text(self, x0, prompts: csg.Prompts, config: EditConfig) -> null_text.NullTextResult:
+        """Standard DDIM inversion + null-text optimisation at ``config``'s guidance scale, starting
+        from ``prompts.negative``: x_T, the per-step embeddings (N, B, 77, D) for :meth:`edit`, ..."""
         if static_config(config) != self.config:
             raise ValueError("this Editor was compiled for another static config; make a new Editor")
-        return self._edit(self.pipe.params, x_T, prompts, csg.Knobs.from_config(config))
+        return self._null_text(self.pipe.params, x0, prompts, csg.Knobs.from_config(config), self._rng(config.seed))
+
+    def edit(self, x_T, prompts: csg.Prompts, config: EditConfig, uncond=None) -> dict:
+        """``uncond``: (N, B, 77, D) per-step negative embeddings from :meth:`invert_null_text`."""
+        if static_config(config) != self.config:
+            raise ValueError("this Editor was compiled for another static config; make a new Editor")
+        return self._edit(*_trim(self.pipe.params, x_T, prompts, csg.Knobs.from_config(config), method_knobs(config),
+                                 uncond))
 
     def decode(self, latents):
         return self._decode(self.pipe.params, latents)
+
+
+def _trim(*args):
+    """Arguments without trailing Nones: a call then hits the same jit cache entry as one that
+    leaves those optional arguments out (e.g. ``editor._edit.lower(params, x_T, prompts, knobs)``)."""
+    args = list(args)
+    while args and args[-1] is None:
+        args.pop()
+    return args
 
 
 _EDITORS: dict = {}
@@ -233,6 +327,8 @@ class EditResult:
     reconstruction: np.ndarray
     edit: np.ndarray
     timings: dict
+    null_embeddings: Optional[np.ndarray] = None  # (N, 77, D) per-step negative embeddings (null-text)
+    null_text_iterations: Optional[np.ndarray] = None  # (N,) Adam steps per timestep
 
 
 def image_multiple(pipe) -> int:
@@ -256,8 +352,12 @@ def to_unit_range(images) -> np.ndarray:
 
 def translate_image(pipe, image=None, prompt: str = "", task: Optional[str] = None, target_prompt: Optional[str] = None,
                     config: EditConfig = EditConfig(), inverted: Optional[np.ndarray] = None,
-                    source_word: Optional[str] = None) -> EditResult:
-    """Edit one image (or an already inverted latent x_T) from ``prompt`` toward ``task``/``target_prompt``."""
+                    source_word: Optional[str] = None, null_embeddings: Optional[np.ndarray] = None) -> EditResult:
+    """Edit one image (or an already inverted latent x_T) from ``prompt`` toward ``task``/``target_prompt``.
+
+    With ``config.inversion == "null-text"``, an already inverted latent needs the
+    ``null_embeddings`` (N, 77, D) saved with it.
+    """
     timings = {}
     plan = plan_prompts(pipe, prompt, task, target_prompt, source_word, config.negative_prompt)
     if inverted is None:
@@ -272,16 +372,30 @@ def translate_image(pipe, image=None, prompt: str = "", task: Optional[str] = No
         inverted = np.asarray(inverted, np.float32)
         latent_hw = inverted.shape[-3:-1]
     editor = get_editor(pipe, config, latent_hw)
-    prompts = batch_prompts(pipe, [plan])
+    prompts = batch_prompts(pipe, [plan], config.equalizer_words)
+    if config.method == "pix2pix-zero":
+        prompts = pix2pix_zero.edit_context(pipe, prompts, config)
+    uncond, iterations = None, None
     t0 = time.perf_counter()
     if inverted is None:
         x0 = editor.encode(jnp.asarray(x), config.seed if config.encode == "sample" else None)
-        x_T = jax.block_until_ready(editor.invert(x0, prompts.source))
+        if config.inversion == "null-text":
+            nt = jax.block_until_ready(editor.invert_null_text(x0, prompts, config))
+            x_T, uncond, iterations = nt.x_T, nt.uncond, np.asarray(nt.iterations[:, 0])
+        else:
+            x_T = jax.block_until_ready(editor.invert(x0, prompts.source, config.seed))
     else:
         x_T = jnp.asarray(inverted.reshape(1, *inverted.shape[-3:]))
+        if config.inversion == "null-text":
+            if null_embeddings is None:
+                raise ImageError("null-text inversion: an inverted latent needs its null embeddings "
+                                 "(null_embeddings.npy, written next to inversion.npy)")
+            uncond = jnp.asarray(np.asarray(null_embeddings, np.float32).reshape(-1, 1, *prompts.source.shape[1:]))
+            if uncond.shape[0] != config.num_steps:
+                raise ImageError(f"the null embeddings hold {uncond.shape[0]} steps, the edit has {config.num_steps}")
     timings["invert_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = jax.block_until_ready(editor.edit(x_T, prompts, config))
+    out = jax.block_until_ready(editor.edit(x_T, prompts, config, uncond))
     timings["edit_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     decoded = editor.decode(jnp.concatenate([out["reconstruction"], out["edited"]]))
@@ -298,4 +412,6 @@ def translate_image(pipe, image=None, prompt: str = "", task: Optional[str] = No
         reconstruction=decoded[0],
         edit=decoded[1],
         timings=timings,
+        null_embeddings=None if uncond is None else np.asarray(uncond[:, 0]),
+        null_text_iterations=iterations,
     )

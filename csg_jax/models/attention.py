@@ -19,7 +19,11 @@ Shapes (per layer; ``B`` batch, ``N`` heads, ``Q`` = H*W query pixels, ``T`` key
   blended with a reference row of the same batch,
   ``p[b] <- w[b] * p[b] + (1 - w[b]) * p[ref_rows[b]][..., ref_columns[b]]``
   (see :func:`blend_probs`), with ``control.mix_ref_rows`` ``(B,)`` and
-  ``control.mix_ref_columns`` ``(B, T)``. Recorded probabilities are the ones used.
+  ``control.mix_ref_columns`` ``(B, T)``; optionally ``control.mix_ref_scale`` ``(B, T)``
+  multiplies the reference's columns (Prompt-to-Prompt's equalizer). Columns and scale apply
+  to cross-attention layers only; a mixed self-attention layer blends whole rows.
+  Recorded probabilities are the ones used, unless ``control.record_live`` asks for the
+  layer's own softmax (before mix / inject).
 
 An empty control (the default) costs nothing: layers then use the fused
 ``jax.nn.dot_product_attention`` (flash attention where the backend has it).
@@ -51,7 +55,9 @@ class AttentionControl:
     inject: Mapping[str, jax.Array] = struct.field(default_factory=dict)
     mix: Mapping[str, jax.Array] = struct.field(default_factory=dict)
     mix_ref_rows: Optional[jax.Array] = None  # (B,) int32
-    mix_ref_columns: Optional[jax.Array] = None  # (B, T) int32
+    mix_ref_columns: Optional[jax.Array] = None  # (B, T) int32, cross-attention only
+    mix_ref_scale: Optional[jax.Array] = None  # (B, T) float, cross-attention only
+    record_live: bool = struct.field(pytree_node=False, default=False)  # record softmax before mix/inject
 
     def record_kind(self, name: str) -> Optional[str]:
         for layer, kind in self.record:
@@ -64,15 +70,19 @@ class AttentionControl:
 
 
 def blend_probs(
-    probs: jax.Array, ref_probs: jax.Array, weight: jax.Array, ref_columns: Optional[jax.Array] = None
+    probs: jax.Array, ref_probs: jax.Array, weight: jax.Array, ref_columns: Optional[jax.Array] = None,
+    ref_scale: Optional[jax.Array] = None,
 ) -> jax.Array:
-    """``weight * probs + (1 - weight) * ref_probs[..., ref_columns]`` (rows are not renormalised).
+    """``weight * probs + (1 - weight) * ref_probs[..., ref_columns] * ref_scale`` (rows are not renormalised).
 
     probs, ref_probs: (B, N, Q, T); weight: (B, Q) (broadcast over heads and tokens);
-    ref_columns: (B, T) int, the column of ``ref_probs`` that stands in for each column.
+    ref_columns: (B, T) int, the column of ``ref_probs`` that stands in for each column;
+    ref_scale: (B, T) float, a factor per (reordered) reference column.
     """
     if ref_columns is not None:
         ref_probs = jnp.take_along_axis(ref_probs, ref_columns[:, None, None, :], axis=-1)
+    if ref_scale is not None:
+        ref_probs = ref_probs * ref_scale[:, None, None, :].astype(ref_probs.dtype)
     w = weight[:, None, :, None].astype(probs.dtype)
     return probs * w + ref_probs * (1 - w)
 
@@ -107,6 +117,7 @@ class Attention(nn.Module):
         """x: (B, Q, C); context: (B, T, D) or None (self-attention). Returns (out, record|None)."""
         inner = self.heads * self.head_dim
         dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        is_cross = context is not None
         context = x if context is None else context
         b, q_len, _ = x.shape
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)
@@ -118,16 +129,17 @@ class Attention(nn.Module):
         if control is None or not control.touches(self.layer_name):
             out = jax.nn.dot_product_attention(q, k, v)  # (B, Q, N, hd)
         else:
-            probs = self.probabilities(q, k)
+            probs = live = self.probabilities(q, k)
             name = self.layer_name
             if name in control.mix:
                 ref = probs[control.mix_ref_rows]
-                probs = blend_probs(probs, ref, control.mix[name], control.mix_ref_columns)
+                columns, scale = (control.mix_ref_columns, control.mix_ref_scale) if is_cross else (None, None)
+                probs = blend_probs(probs, ref, control.mix[name], columns, scale)
             if name in control.inject:
                 probs = jnp.broadcast_to(control.inject[name].astype(probs.dtype), probs.shape)
             kind = control.record_kind(name)
             if kind is not None:
-                record = summarise_probs(probs, kind, control.token_columns)
+                record = summarise_probs(live if control.record_live else probs, kind, control.token_columns)
             out = jnp.einsum("bnqt,btnd->bqnd", probs.astype(v.dtype), v)
         out = out.reshape(b, q_len, inner)
         return dense(self.query_dim, True, "to_out_0")(out), record
