@@ -393,3 +393,31 @@ def test_two_processes_cover_every_item_exactly_once(two_process_job):
     for i in range(6):
         assert os.path.isfile(os.path.join(out, f"p{i}", "meta.json"))
     assert "dataset run" in outs[0][0] and "dataset run" not in outs[1][0]  # the summary: process 0 only
+
+
+# --- every method through dataset mode ---------------------------------------------------------------
+
+def test_every_method_and_null_text_inversion_run_in_dataset_mode(tmp_path, tiny_sd1):
+    """Per-item method overrides (P2P, Pix2Pix-Zero, null-text inversion) each get their own bucket
+    and finish with the single-image files; 3 steps keep the three compilations short."""
+    from csg_jax.dataset import DatasetRun
+
+    (a, cap), = _write_images(str(tmp_path / "img"), 1, seed=4)
+    rows = [
+        {"id": "p2p", "image": a, "prompt": cap, "task": "red2blue", "method": "p2p"},
+        {"id": "zero", "image": a, "prompt": cap, "task": "red2blue", "method": "pix2pix-zero"},
+        {"id": "null", "image": a, "prompt": cap, "task": "red2blue", "method": "ddim", "inversion": "null-text",
+         "null_text_steps": 2},
+    ]
+    items = read_manifest(_write_jsonl(str(tmp_path / "m.jsonl"), rows))
+    out = str(tmp_path / "out")
+    summary = DatasetRun(tiny_sd1, items, EditConfig(num_steps=3), out, batch_size=1, size=32, quiet=True,
+                         save_inversion=True).run()
+    assert (summary["ok"], summary["failed"], summary["buckets"]) == (3, 0, 3), summary
+    for item_id, method in [("p2p", "p2p"), ("zero", "pix2pix-zero"), ("null", "ddim")]:
+        meta = json.load(open(os.path.join(out, item_id, "meta.json")))
+        assert meta["settings"]["method"] == method
+        for name in ("edit.png", "reconstruction.png", "mask.png", "grid.png"):
+            assert os.path.isfile(os.path.join(out, item_id, name)), (item_id, name)
+    assert os.path.isfile(os.path.join(out, "null", "null_embeddings.npy"))
+    assert _all_pngs_decode(out) >= 3 * 4
