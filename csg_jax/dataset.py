@@ -880,7 +880,7 @@ def run_cli(args) -> int:
     import jax.numpy as jnp
 
     from csg_jax.pipeline import load_pipeline, model_summary
-    from csg_jax.translate import EMBEDDED, edit_config_from_args, embedded_model_dir
+    from csg_jax.translate import edit_config_from_args, resolve_model
 
     if args.image or args.demo or args.inversion:
         raise CSGError("--manifest / --input-dir replace --image, --demo and --inversion")
@@ -894,7 +894,7 @@ def run_cli(args) -> int:
     else:
         items = scan_folder(args.input_dir, args.prompt, args.task, args.target_prompt, args.source_word)
     t0 = time.perf_counter()
-    model = embedded_model_dir() if args.model == EMBEDDED else args.model
+    model = resolve_model(args.model)
     pipe = load_pipeline(model, dtype=getattr(jnp, config.dtype), cache=args.cache)
     load_s = time.perf_counter() - t0
     run = DatasetRun(pipe, items, config, args.out, batch_size=args.batch_size, size=args.size,

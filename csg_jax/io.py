@@ -100,21 +100,29 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return image * (1 - 0.6 * m) + red * 0.6 * m
 
 
-def grid(panels: list[np.ndarray], labels: Optional[list[str]] = None, pad: int = 4) -> np.ndarray:
-    """Side-by-side (H, W, 3) [0, 1] panels with white padding and small labels -> uint8."""
+def grid(panels: list[np.ndarray], labels: Optional[list[str]] = None, pad: int = 4,
+         min_side: int = 128) -> np.ndarray:
+    """Side-by-side (H, W, 3) [0, 1] panels with white padding and labels -> uint8.
+
+    Panels smaller than ``min_side`` are enlarged by a whole factor (nearest neighbour, so pixels
+    stay pixels): a 32x32 edit is unreadable at its own size and its label would overrun it.
+    """
     from PIL import Image, ImageDraw
 
-    h = max(p.shape[0] for p in panels)
+    scale = max(1, -(-min_side // max(min(p.shape[:2]) for p in panels)))
+    tiles = [Image.fromarray(to_uint8(p)).resize((p.shape[1] * scale, p.shape[0] * scale), Image.NEAREST)
+             for p in panels]
+    h = max(t.height for t in tiles)
     label_h = 12 if labels else 0
-    w = sum(p.shape[1] for p in panels) + pad * (len(panels) + 1)
+    w = sum(t.width for t in tiles) + pad * (len(tiles) + 1)
     canvas = Image.new("RGB", (w, h + 2 * pad + label_h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     x = pad
-    for i, p in enumerate(panels):
-        canvas.paste(Image.fromarray(to_uint8(p)), (x, pad + label_h))
+    for i, tile in enumerate(tiles):
+        canvas.paste(tile, (x, pad + label_h))
         if labels:
             draw.text((x, 1), labels[i], fill=(0, 0, 0))
-        x += p.shape[1] + pad
+        x += tile.width + pad
     return np.asarray(canvas)
 
 

@@ -23,13 +23,14 @@ import numpy as np
 
 from csg_jax.errors import CSGError
 
-EMBEDDED = "embedded"
+SHAPES_MODEL = "shapes"  # the trained shapes-world model shipped in csg_jax/shapes/assets
+TINY_MODEL = "tiny"  # a random SD-1-shaped model made on first use (every code path, noise pictures)
 DEMO_PROMPT = "a red circle on a blue background"
 DEMO_TASK = "circle2square"
 
 
 def embedded_model_dir() -> str:
-    """The default model: made once (deterministically) under $CSG_JAX_HOME or ~/.cache/csg_jax."""
+    """The tiny random model: made once (deterministically) under $CSG_JAX_HOME or ~/.cache/csg_jax."""
     from csg_jax.testing import make_tiny_model
 
     home = os.environ.get("CSG_JAX_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "csg_jax")
@@ -47,13 +48,31 @@ def embedded_model_dir() -> str:
     return folder
 
 
+def resolve_model(name: str) -> str:
+    """The folder (or Hub id) behind ``--model``: 'shapes' (default), 'tiny'/'embedded', or a path."""
+    if name == SHAPES_MODEL:
+        from csg_jax.errors import CheckpointError
+        from csg_jax.shapes.model import shipped_model_dir
+
+        folder = shipped_model_dir()
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise CheckpointError(f"the shipped shapes model is missing from this install ({folder}); "
+                                  "reinstall csg_jax, or pass --model tiny or --model /path/to/model")
+        return folder
+    if name in (TINY_MODEL, "embedded"):
+        return embedded_model_dir()
+    return name
+
+
 def demo_image(size: int) -> np.ndarray:
-    """A red circle on a blue gradient background, (size, size, 3) uint8."""
-    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-    img = np.stack([0.1 + 0.1 * xx, 0.2 + 0.2 * yy, 0.7 + 0.2 * xx], -1)
-    inside = (xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.28**2
-    img[inside] = [0.85, 0.1, 0.1]
-    return (img * 255).astype(np.uint8)
+    """A shapes-world picture of the demo prompt (a red circle on a textured blue background),
+    (size, size, 3) uint8; the same renderer the shapes model was trained on."""
+    from csg_jax.shapes.world import Scene, render
+
+    scene = Scene("circle", "red", "blue", cx=0.5, cy=0.5, radius=0.3, angle=0.0, gradient=(0.08, -0.06),
+                  texture_seed=0)
+    image, _ = render(scene, size)
+    return (image * 255 + 0.5).astype(np.uint8)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="translate every image file in DIR with --prompt and --task/--target-prompt (ids: file stems)")
 
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=EMBEDDED,
-                   help="diffusers-format folder, Hub id (needs network) or 'embedded' (a small model made on first use)")
+    m.add_argument("--model", default=SHAPES_MODEL,
+                   help="diffusers-format folder, Hub id (needs network), 'shapes' (the shipped model trained on the "
+                        "shapes world: one coloured shape on a background, 32x32) or 'tiny' (random weights, "
+                        "made on first use: exercises every code path, pictures are noise)")
     m.add_argument("--cache", help="Orbax folder caching converted params (pods: convert once)")
     m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="activation dtype")
 
@@ -227,7 +248,7 @@ def run(args) -> str:
 
     phases = tqdm(total=4, disable=args.quiet, desc="load model", bar_format="{desc:<22}{bar}| {n}/{total} [{elapsed}]")
     t0 = time.perf_counter()
-    model = embedded_model_dir() if args.model == EMBEDDED else args.model
+    model = resolve_model(args.model)
     pipe = load_pipeline(model, dtype=getattr(jnp, config.dtype), cache=args.cache)
     load_s = time.perf_counter() - t0
     phases.update()

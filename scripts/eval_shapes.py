@@ -1,6 +1,6 @@
 """Quality of the shapes text-to-image model, by the shipped judge (issue "Shapes world", point 3).
 
-    python scripts/eval_shapes.py --model csg_jax/shapes/assets/shapes_model --out out/eval_shapes
+    python scripts/eval_shapes.py --out out/eval_shapes
     python scripts/eval_shapes.py --model /work/shapes_run/model --n 16 --steps 10 --out /tmp/ev   # quick
 
 * Samples one image per held-out caption (``world.make_batch(seed, n, split="heldout")``) with
@@ -45,7 +45,7 @@ def table(rows: list[tuple[str, str, str, str]]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="diffusers-format shapes model folder")
+    p.add_argument("--model", default=None, help="diffusers-format shapes model folder (default: the shipped one)")
     p.add_argument("--out", default="out/eval_shapes")
     p.add_argument("--n", type=int, default=200, help="held-out captions")
     p.add_argument("--steps", type=int, default=50)
@@ -56,6 +56,10 @@ def main(argv=None) -> int:
     p.add_argument("--judge", default=None, help="judge weights (default: the shipped ones)")
     p.add_argument("--no-fail", action="store_true")
     args = p.parse_args(argv)
+    if args.model is None:
+        from csg_jax.shapes.model import shipped_model_dir
+
+        args.model = shipped_model_dir()
 
     from csg_jax.editing.editor import word_spans
     from csg_jax.pipeline import load_pipeline

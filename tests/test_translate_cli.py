@@ -9,7 +9,8 @@ from PIL import Image
 
 from csg_jax import io
 from csg_jax.errors import ImageError
-from csg_jax.translate import main
+from csg_jax.shapes.model import shipped_model_dir
+from csg_jax.translate import main, resolve_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,6 +66,7 @@ def test_translate_writes_every_output_atomically(tmp_path):
     for n in names - {"meta.json", "inversion.npy"}:
         Image.open(out / n).verify()
     meta = json.loads((out / "meta.json").read_text())
+    assert meta["model"]["source"] == shipped_model_dir() and meta["model"]["kind"] == "pixel"  # the default
     assert meta["prompts"]["target_prompt"] == "a red square on a blue background"
     assert meta["prompts"]["source_span"] == [3, 4]
     assert meta["unet_evaluations"]["per_step"]["target"] == 5
@@ -72,6 +74,17 @@ def test_translate_writes_every_output_atomically(tmp_path):
     rc = main(["--inversion", str(out / "inversion.npy"), "--prompt", "a red circle on a blue background",
                "--task", "red2green", "--steps", "3", "--out", str(tmp_path / "again"), "--quiet"])
     assert rc == 0 and (tmp_path / "again" / "edit.png").exists()
+
+
+def test_model_names_resolve_and_a_missing_shipped_model_says_what_to_do(tmp_path, monkeypatch, capsys):
+    assert resolve_model("shapes") == shipped_model_dir()
+    assert resolve_model("/some/folder") == "/some/folder"
+    tiny = resolve_model("tiny")
+    assert tiny.startswith(os.environ["CSG_JAX_HOME"]) and resolve_model("embedded") == tiny
+    monkeypatch.setattr("csg_jax.shapes.model.ASSETS", str(tmp_path / "no-assets"))
+    out = tmp_path / "out"
+    assert main(["--demo", "--out", str(out), "--quiet"]) == 2
+    assert "--model tiny" in capsys.readouterr().err and not out.exists()
 
 
 def test_load_image_rejects_missing_files(tmp_path):
