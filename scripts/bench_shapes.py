@@ -20,10 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def main(argv=None) -> int:
+    from csg_jax.shapes.model import shipped_model_dir
     from csg_jax.shapes import bench
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="diffusers-format shapes model folder (default: the shipped one)")
+    p.add_argument("--model", default=shipped_model_dir(),
+                   help="diffusers-format shapes model folder (default: the shipped one)")
     p.add_argument("--out", default="out/bench_shapes")
     p.add_argument("--n", type=int, default=100, help="source images in total (split over the tasks)")
     p.add_argument("--tasks", default=",".join(bench.DEFAULT_TASKS))
@@ -36,10 +38,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-warmup", action="store_true", help="time the first (compiling) call too")
     p.add_argument("--judge", default=None, help="judge weights (default: the shipped ones)")
     args = p.parse_args(argv)
-    if args.model is None:
-        from csg_jax.shapes.model import shipped_model_dir
-
-        args.model = shipped_model_dir()
 
     from csg_jax.pipeline import load_pipeline
     from csg_jax.shapes.judge import load_judge

@@ -44,8 +44,11 @@ def table(rows: list[tuple[str, str, str, str]]) -> str:
 
 
 def main(argv=None) -> int:
+    from csg_jax.shapes.model import shipped_model_dir
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="diffusers-format shapes model folder (default: the shipped one)")
+    p.add_argument("--model", default=shipped_model_dir(),
+                   help="diffusers-format shapes model folder (default: the shipped one)")
     p.add_argument("--out", default="out/eval_shapes")
     p.add_argument("--n", type=int, default=200, help="held-out captions")
     p.add_argument("--steps", type=int, default=50)
@@ -56,10 +59,6 @@ def main(argv=None) -> int:
     p.add_argument("--judge", default=None, help="judge weights (default: the shipped ones)")
     p.add_argument("--no-fail", action="store_true")
     args = p.parse_args(argv)
-    if args.model is None:
-        from csg_jax.shapes.model import shipped_model_dir
-
-        args.model = shipped_model_dir()
 
     from csg_jax.editing.editor import word_spans
     from csg_jax.pipeline import load_pipeline
