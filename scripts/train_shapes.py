@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
     p.add_argument("--warmup-steps", type=int, default=None, help="(default 500; smoke 5)")
+    p.add_argument("--t-focus", type=float, default=0.0, help="share of timesteps drawn below --t-focus-max "
+                   "(default 0: uniform; 0.5 trains the shape-deciding low timesteps more, see sample_timesteps)")
+    p.add_argument("--t-focus-max", type=int, default=400, help="(default 400)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="activation dtype (default float32)")
     p.add_argument("--remat", choices=("auto", "off", "attention", "full"), default="auto",
                    help="recompute (parts of) the forward pass in the backward pass to save memory; auto: "
@@ -71,6 +74,8 @@ def main(argv=None) -> int:
         seed=args.seed,
         lr=args.lr,
         warmup_steps=pick(args.warmup_steps, 500, 5),
+        t_focus=args.t_focus,
+        t_focus_max=args.t_focus_max,
         dtype=args.dtype,
         remat=args.remat,
     )

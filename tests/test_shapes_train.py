@@ -60,6 +60,20 @@ def test_learning_rate_warmup_cosine_floor():
     assert lr(60, 1010) > lr(60, 110)  # a longer horizon decays more slowly
 
 
+def test_timestep_focus_draws_the_requested_share_below_the_cut():
+    key = jax.random.key(3)
+    cfg = T.TrainConfig()
+    uniform = np.asarray(T.sample_timesteps(key, 20000, 1000, cfg))
+    # t_focus = 0 is the plain uniform draw, key for key (old runs resume identically).
+    np.testing.assert_array_equal(uniform, np.asarray(jax.random.randint(key, (20000,), 0, 1000)))
+    focused = np.asarray(T.sample_timesteps(key, 20000, 1000, T.TrainConfig(t_focus=0.5, t_focus_max=400)))
+    assert focused.min() >= 0 and focused.max() <= 999
+    # P(t < 400) = 0.5 + 0.5 * 0.4 = 0.7 (uniform: 0.4); P(t >= 400) is spread evenly above the cut.
+    assert abs((focused < 400).mean() - 0.7) < 0.015 and abs((uniform < 400).mean() - 0.4) < 0.015
+    above = np.histogram(focused[focused >= 400], bins=6, range=(400, 1000))[0]
+    assert above.min() > 0.8 * above.mean()
+
+
 def test_batch_shrinks_to_fit_the_memory_estimate():
     gib = 2**30
     assert T._fitting_batch(256, 40 * gib, 60 * gib) == 256

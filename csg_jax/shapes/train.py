@@ -68,6 +68,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     p_uncond: float = 0.1  # classifier-free-guidance caption dropout
+    t_focus: float = 0.0  # share of timesteps drawn from [0, t_focus_max) instead of [0, T) (see sample_timesteps)
+    t_focus_max: int = 400
     token_embed_std: float = 1.0
     dtype: str = "float32"  # activation dtype: float32 or bfloat16 (params and loss stay float32)
     remat: str = "auto"  # rematerialisation: auto | off | attention | full (see REMAT_MODES)
@@ -479,6 +481,27 @@ def choose_remat(cfg: TrainConfig, unet, text, params, limit: Optional[int], fra
     return REMAT_MODES[-1]
 
 
+def sample_timesteps(key, batch_size: int, num_train_timesteps: int, cfg: TrainConfig):
+    """(B,) int32 training timesteps: uniform on [0, T), except that a share ``cfg.t_focus`` of
+    them is uniform on [0, t_focus_max).
+
+    Why: with images scaled by 0.18215 most of SD's timesteps leave too little signal for the
+    object's outline to matter (at t = 500 a pixel's signal is 0.11 of the noise); the shape is
+    decided below t ~ 400 and its corners below t ~ 150. Uniform sampling spends 60% of the steps
+    where only colours and the blob's place are learned, which the model already knows early.
+    With ``t_focus = 0`` the draw is exactly the uniform one (same key use as before the option).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    t = jax.random.randint(key, (batch_size,), 0, num_train_timesteps)
+    if cfg.t_focus <= 0.0:
+        return t
+    k_pick, k_low = jax.random.split(jax.random.fold_in(key, 1))
+    low = jax.random.randint(k_low, (batch_size,), 0, min(cfg.t_focus_max, num_train_timesteps))
+    return jnp.where(jax.random.bernoulli(k_pick, cfg.t_focus, (batch_size,)), low, t)
+
+
 def make_train_step(cfg: TrainConfig, configs: dict, unet, text, tx, remat: str = "off") -> Callable:
     """``step(state, pool_images, pool_rows, token_table) -> (state, metrics)``, jit-compiled with
     the state donated. pool_images (N, 32, 32, 3) uint8, pool_rows (N,) int32 caption rows,
@@ -501,7 +524,7 @@ def make_train_step(cfg: TrainConfig, configs: dict, unet, text, tx, remat: str 
         x0 = (pool_images[idx].astype(jnp.float32) / 127.5 - 1.0) * SCALING_FACTOR
         drop = jax.random.bernoulli(k_drop, cfg.p_uncond, (B,))
         ids = token_table[jnp.where(drop, EMPTY_ROW, pool_rows[idx])]
-        t = jax.random.randint(k_t, (B,), 0, T)
+        t = sample_timesteps(k_t, B, T, cfg)
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
         x_t = add_noise(schedule, x0, noise, t)
         target = velocity(schedule, x0, noise, t)
