@@ -19,3 +19,18 @@ class PromptError(CSGError):
 
 class ImageError(CSGError):
     """An input image cannot be read."""
+
+
+def run_guarded(job, on_interrupt: str = "stopped"):
+    """``job()``'s result, or an exit code: 2 with a one-line ``error: ...`` on stderr for a
+    CSGError (no traceback: the message already says what to do), 130 on Ctrl-C."""
+    import sys
+
+    try:
+        return job()
+    except CSGError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; {on_interrupt}", file=sys.stderr)
+        return 130

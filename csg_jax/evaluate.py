@@ -50,7 +50,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from csg_jax.errors import CSGError
+from csg_jax.errors import CSGError, run_guarded
 
 METRICS = ("cs", "sd", "rd", "bg_lpips")
 LABELS = {"cs": "CS", "sd": "SD", "rd": "RD", "bg_lpips": "BG-LPIPS"}
@@ -720,14 +720,9 @@ def run(args, log=None) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except CSGError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    result = run_guarded(lambda: run(args), "no report written")
+    if isinstance(result, int):
+        return result
     bad = [it for it in result["items"] if not it.ok]
     return 3 if bad or result["problems"] else 0
 

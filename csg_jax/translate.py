@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from csg_jax.errors import CSGError
+from csg_jax.errors import run_guarded
 
 SHAPES_MODEL = "shapes"  # the trained shapes-world model shipped in csg_jax/shapes/assets
 TINY_MODEL = "tiny"  # a random SD-1-shaped model made on first use (every code path, noise pictures)
@@ -292,25 +292,13 @@ def run(args) -> str:
     return out
 
 
-def _guarded(job, on_interrupt: str):
-    """``job()``, or exit code 2 with a one-line message on a CSGError, 130 on Ctrl-C."""
-    try:
-        return job()
-    except CSGError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted; {on_interrupt}", file=sys.stderr)
-        return 130
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.manifest or args.input_dir:  # dataset mode: exit 0 all ok, 3 some items failed, 2 fatal
         from csg_jax.dataset import run_cli
 
-        return _guarded(lambda: run_cli(args), "finished items are in results.jsonl, rerun to resume")
-    out = _guarded(lambda: run(args), "no output written")
+        return run_guarded(lambda: run_cli(args), "finished items are in results.jsonl, rerun to resume")
+    out = run_guarded(lambda: run(args), "no output written")
     if isinstance(out, int):
         return out
     print(f"wrote {out}: edit.png, reconstruction.png, mask.png, mask_raw.png, grid.png, meta.json")

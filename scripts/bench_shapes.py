@@ -38,8 +38,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-warmup", action="store_true", help="time the first (compiling) call too")
     p.add_argument("--judge", default=None, help="judge weights (default: the shipped ones)")
     args = p.parse_args(argv)
+    from csg_jax.errors import run_guarded
 
+    return run_guarded(lambda: run(args), "nothing written")
+
+
+def run(args) -> int:
     from csg_jax.pipeline import load_pipeline
+    from csg_jax.shapes import bench
     from csg_jax.shapes.judge import load_judge
 
     tasks = [t for t in args.tasks.split(",") if t]

@@ -59,7 +59,12 @@ def main(argv=None) -> int:
     p.add_argument("--judge", default=None, help="judge weights (default: the shipped ones)")
     p.add_argument("--no-fail", action="store_true")
     args = p.parse_args(argv)
+    from csg_jax.errors import run_guarded
 
+    return run_guarded(lambda: run(args), "nothing written")
+
+
+def run(args) -> int:
     from csg_jax.editing.editor import word_spans
     from csg_jax.pipeline import load_pipeline
     from csg_jax.shapes import world

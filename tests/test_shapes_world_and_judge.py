@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from csg_jax.errors import PromptError
 from csg_jax.shapes import world
 from csg_jax.shapes.bench import dilate
 from csg_jax.shapes.model import checksum, recorded_checksum, ship_model, shipped_model_dir
@@ -97,7 +98,7 @@ def test_tasks_parse_and_their_sources_show_the_source_word():
     assert (task.attribute, task.source, task.target, task.kept_attribute) == ("color", "red", "blue", "shape")
     assert Task.parse("circle2square").attribute == "shape"
     for bad in ("red2square", "red2red", "circle", "dog2cat"):
-        with pytest.raises(ValueError):
+        with pytest.raises(PromptError):
             Task.parse(bad)
     sources = task_sources(task, 20, seed=3)
     assert len(sources["captions"]) == 20 and sources["images"].shape == (20, 32, 32, 3)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from csg_jax.errors import PromptError
 from csg_jax.shapes import world
 from csg_jax.shapes.judge import Judge, iou, object_mask
 
@@ -45,11 +46,11 @@ class Task:
     def parse(cls, name: str) -> "Task":
         source, sep, target = name.partition("2")
         if not sep:
-            raise ValueError(f"a task looks like 'circle2square' or 'red2blue', got {name!r}")
+            raise PromptError(f"a task looks like 'circle2square' or 'red2blue', got {name!r}")
         for attribute, words in (("shape", world.SHAPES), ("color", world.COLOR_NAMES)):
             if source in words and target in words and source != target:
                 return cls(name, attribute, source, target)
-        raise ValueError(f"task {name!r}: both words must be shapes {world.SHAPES} or colours {world.COLOR_NAMES}")
+        raise PromptError(f"task {name!r}: both words must be shapes {world.SHAPES} or colours {world.COLOR_NAMES}")
 
     @property
     def kept_attribute(self) -> str:
