@@ -30,6 +30,7 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax
@@ -40,7 +41,7 @@ from flax import struct
 from csg_jax.errors import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-BETA_SCHEDULES = ("scaled_linear", "linear")
+BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 INVERSION_VARIANTS = ("standard", "official")
 
@@ -150,11 +151,21 @@ def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
     return np.where(np.arange(n) < n // 2, lo, hi).astype(np.float32)
 
 
+def _cosine_betas(T: int, max_beta: float = 0.999) -> np.ndarray:
+    """Betas of the cosine schedule (Nichol & Dhariwal), as diffusers' ``betas_for_alpha_bar``:
+    ᾱ(s) = cos²((s + 0.008)/1.008 · π/2), β_i = min(1 − ᾱ((i+1)/T)/ᾱ(i/T), max_beta), computed in
+    float64 and rounded once to float32. Ignores beta_start/beta_end, as diffusers does."""
+    abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1.0 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)], np.float32)
+
+
 def alphas_cumprod_np(config: SchedulerConfig) -> np.ndarray:
     """ᾱ (T,) float32 as diffusers computes it (float32 betas, cumprod accumulated in float64)."""
     T = config.num_train_timesteps
     if config.beta_schedule == "linear":
         betas = _torch_linspace_f32(config.beta_start, config.beta_end, T)
+    elif config.beta_schedule == "squaredcos_cap_v2":
+        betas = _cosine_betas(T)
     else:  # scaled_linear (latent diffusion): linspace of sqrt(beta), squared in float32
         betas = np.square(_torch_linspace_f32(config.beta_start**0.5, config.beta_end**0.5, T))
     alphas = np.float32(1.0) - betas

@@ -45,9 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
     p.add_argument("--warmup-steps", type=int, default=None, help="(default 500; smoke 5)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights that gets exported "
+                   "(default 0.999; ~0.995 for runs of ~1,000 steps)")
     p.add_argument("--t-focus", type=float, default=0.0, help="share of timesteps drawn below --t-focus-max "
                    "(default 0: uniform; 0.5 trains the shape-deciding low timesteps more, see sample_timesteps)")
     p.add_argument("--t-focus-max", type=int, default=400, help="(default 400)")
+    p.add_argument("--recipe", choices=("pixel_cosine", "sd_latent"), default="pixel_cosine",
+                   help="noise schedule and image scale: pixel_cosine (default: cosine betas on [-1, 1] "
+                        "images) or sd_latent (SD's betas, images x 0.18215; how runs before Nov 2026 trained)")
+    p.add_argument("--init-from", default=None, help="start a new run from the weights of this diffusers model "
+                   "folder (an earlier export), with a fresh optimizer; ignored when --out has a checkpoint")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="activation dtype (default float32)")
     p.add_argument("--remat", choices=("auto", "off", "attention", "full"), default="auto",
                    help="recompute (parts of) the forward pass in the backward pass to save memory; auto: "
@@ -63,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from csg_jax.shapes.train import RunOptions, TrainConfig, train
+    from csg_jax.shapes.train import RECIPES, RunOptions, TrainConfig, train
 
     smoke = args.smoke
     pick = lambda value, normal, tiny: value if value is not None else (tiny if smoke else normal)
@@ -74,10 +81,13 @@ def main(argv=None) -> int:
         seed=args.seed,
         lr=args.lr,
         warmup_steps=pick(args.warmup_steps, 500, 5),
+        ema_decay=args.ema_decay,
         t_focus=args.t_focus,
         t_focus_max=args.t_focus_max,
         dtype=args.dtype,
         remat=args.remat,
+        beta_schedule=RECIPES[args.recipe][0],
+        scaling_factor=RECIPES[args.recipe][1],
     )
     opts = RunOptions(
         out=args.out,
@@ -93,14 +103,22 @@ def main(argv=None) -> int:
         workers=args.workers,
         progress=not args.no_progress,
         reserve_s=5.0 if smoke else 20.0,
+        init_from=args.init_from,
         compile_cache=args.compile_cache or (os.path.join(args.out, "jax_cache") if smoke else None),
     )
     print(f"[config] {json.dumps(cfg.__dict__)}", flush=True)
-    summary = train(cfg, opts, t_start=T_START)
+    from csg_jax.errors import run_guarded
+
+    summary = run_guarded(lambda: train(cfg, opts, t_start=T_START),
+                          on_interrupt="the last checkpoint is kept; the same command resumes from it")
+    if isinstance(summary, int):
+        return summary
     print("[done] " + json.dumps(summary), flush=True)
     print(f"SUMMARY steps={summary['steps']} (this run {summary['steps_this_run']}, stop: {summary['stop']}) "
           f"samples/s={summary['samples_per_s']} steps/s={summary['steps_per_s']} compile_s={summary['compile_s']} "
           f"pool_s={summary['pool_s']} wall_s={summary['wall_s']}", flush=True)
+    if summary["stop"].startswith("signal"):
+        return 130  # stopped on request, cleanly: checkpoint and export are written
     return 0 if summary["stop"] != "non-finite loss" else 1
 
 

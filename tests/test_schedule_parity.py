@@ -30,6 +30,8 @@ CONFIGS = {
     "sd1": SD1,
     "sd2_v": SD2,
     "sd1_sample": {**SD1, "prediction_type": "sample"},
+    # The cosine schedule of the shipped shapes model (pixel space, v-prediction).
+    "cosine_v": {**SD2, "beta_schedule": "squaredcos_cap_v2"},
     "linear_alpha1": {**SD1, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
                       "set_alpha_to_one": True, "steps_offset": 0},
 }
@@ -262,7 +264,7 @@ def test_config_from_dict_fields():
 @pytest.mark.parametrize(
     "patch",
     [
-        {"beta_schedule": "squaredcos_cap_v2"},
+        {"beta_schedule": "exp_typo"},
         {"prediction_type": "flow"},
         {"timestep_spacing": "karras"},
         {"clip_sample": True},

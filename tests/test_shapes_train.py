@@ -2,12 +2,14 @@
 with ``scripts/train_shapes.py --smoke``)."""
 
 import copy
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from csg_jax.errors import ConfigError
 from csg_jax.shapes import train as T
 from csg_jax.shapes import world
 
@@ -156,3 +158,43 @@ def test_train_step_remat_equivalence_learning_and_export(tmp_path):
     for a, b in zip(jax.tree.leaves(pipe.params["unet"]), jax.tree.leaves(ema["unet"])):
         np.testing.assert_array_equal(a, np.asarray(b, np.float16).astype(np.float32))
     assert (tmp_path / "m.tar").stat().st_size > 0
+    assert pipe.scheduler_config.beta_schedule == cfg.beta_schedule == "squaredcos_cap_v2"
+
+    # --init-from: the export's weights come back as this run's float32 params ...
+    loaded = T.load_params_from_folder(folder, unet, text)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(ema)):
+        np.testing.assert_array_equal(a, np.asarray(b, np.float16).astype(np.float32))
+    # ... and a model of another architecture is refused with a message, not a shape error later.
+    other = copy.deepcopy(configs)
+    other["unet"]["block_out_channels"] = [8, 16, 32]
+    with pytest.raises(ConfigError, match="architecture"):
+        T.load_params_from_folder(folder, *T.build_models(other))
+
+
+def test_resume_refuses_a_checkpoint_of_another_recipe():
+    cosine = T.TrainConfig()
+    legacy = T.TrainConfig(beta_schedule="scaled_linear", scaling_factor=0.18215)
+    T.check_recipe({"beta_schedule": "squaredcos_cap_v2", "scaling_factor": 1.0}, cosine)
+    T.check_recipe({"steps": 100}, legacy)  # saved before the fields existed: the SD recipe
+    with pytest.raises(ConfigError, match="--recipe sd_latent"):
+        T.check_recipe({"steps": 100}, cosine)
+    with pytest.raises(ConfigError, match="--recipe pixel_cosine"):
+        T.check_recipe(dataclasses.asdict(cosine), legacy)
+
+
+def test_a_signal_asks_for_a_clean_stop_and_a_second_one_interrupts():
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    request = T._StopRequest()
+    try:
+        assert request.signal is None
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread before kill returns
+        assert request.signal == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGTERM) is before  # the second signal restored the handlers
+    finally:
+        request.restore()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -3,14 +3,15 @@
 The model is the real thing in miniature: our :class:`~csg_jax.models.unet.UNet2DConditionModel`
 and :class:`~csg_jax.models.clip_text.CLIPTextModel`, trained jointly from scratch, exported in
 the diffusers on-disk format with ``model_index.json`` declaring ``"csg_jax": {"kind": "pixel"}``
-(no VAE: the "latent" is the 32x32 RGB image in [-1, 1] times ``SCALING_FACTOR``), so
+(no VAE: the "latent" is the 32x32 RGB image in [-1, 1] times ``scaling_factor``), so
 :func:`csg_jax.pipeline.load_pipeline` and the CSG editor load it like any SD checkpoint.
 
 Choices that made a prototype follow the caption (with raw [-1, 1] pixels, SD betas and epsilon
 prediction it ignored the text):
 
-* images are scaled by 0.18215 like SD latents (a lower signal-to-noise ratio at every timestep
-  of SD's betas than raw [-1, 1] pixels);
+* no leak of the image at the last timestep: first SD's betas with images scaled by 0.18215 like
+  SD latents, now (the default) the cosine schedule on [-1, 1] images, which also keeps enough
+  signal at most timesteps for the shapes to be learned (see RECIPES);
 * v-prediction;
 * the text encoder's token embeddings start with std 1 (not Flax's default 1/sqrt(64));
 * classifier-free-guidance dropout: the caption is replaced by "" with probability 0.1.
@@ -42,7 +43,17 @@ import numpy as np
 from csg_jax.shapes import world
 from csg_jax.tokenizer_files import DEFAULT_WORDS, build_vocab_and_merges, write_clip_tokenizer
 
-SCALING_FACTOR = 0.18215
+SCALING_FACTOR = 1.0  # images in [-1, 1] are the "latents" as they are (see RECIPES)
+# (beta_schedule, scaling_factor) of the two recipes we trained. "sd_latent" copies SD: its
+# scaled-linear betas and the 0.18215 latent scale. On raw pixels (std 0.73) that leaves a
+# per-pixel log10 SNR below 0 for every t > 30 and below -2 for half of them, so nearly all the
+# training signal is about colours and placement, and outlines (the shape) are learned at about
+# a point of accuracy per 1,000 steps. "pixel_cosine" is the usual pixel-space choice (Nichol &
+# Dhariwal's cosine betas on [-1, 1] images): log10 SNR from +3.8 (t = 1) to -3.4 (t = 981),
+# half of the steps above -0.3, and at the last sampling step less signal left (0.03 x0) than
+# SD's 0.068, so the model still has to read the caption.
+RECIPES = {"pixel_cosine": ("squaredcos_cap_v2", 1.0), "sd_latent": ("scaled_linear", 0.18215)}
+LEGACY_RECIPE = RECIPES["sd_latent"]
 IMAGE_SIZE = 32
 EMPTY_ROW = 0  # row of "" in the caption table (the unconditional caption)
 CHUNK = 256  # scenes rendered per worker task
@@ -71,6 +82,10 @@ class TrainConfig:
     t_focus: float = 0.0  # share of timesteps drawn from [0, t_focus_max) instead of [0, T) (see sample_timesteps)
     t_focus_max: int = 400
     token_embed_std: float = 1.0
+    # Noise schedule and image scale (see RECIPES). The first runs used SD's ("sd_latent");
+    # checkpoints saved without these fields were trained with it.
+    beta_schedule: str = "squaredcos_cap_v2"
+    scaling_factor: float = 1.0
     dtype: str = "float32"  # activation dtype: float32 or bfloat16 (params and loss stay float32)
     remat: str = "auto"  # rematerialisation: auto | off | attention | full (see REMAT_MODES)
 
@@ -80,7 +95,7 @@ def shapes_words() -> list[str]:
     return sorted(set(world.VOCABULARY) | set(DEFAULT_WORDS))
 
 
-def model_configs(vocab_size: Optional[int] = None) -> dict:
+def model_configs(vocab_size: Optional[int] = None, beta_schedule: str = "squaredcos_cap_v2") -> dict:
     """config.json contents of each component (diffusers / transformers field names)."""
     if vocab_size is None:
         vocab_size = len(build_vocab_and_merges(shapes_words())[0])
@@ -123,7 +138,7 @@ def model_configs(vocab_size: Optional[int] = None) -> dict:
         "num_train_timesteps": 1000,
         "beta_start": 0.00085,
         "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
+        "beta_schedule": beta_schedule,  # beta_start/end are ignored by the cosine schedule
         "steps_offset": 1,
         "set_alpha_to_one": False,
         "clip_sample": False,
@@ -320,6 +335,40 @@ def _truncated_normal(rng: np.random.Generator, shape: tuple, bound: float = 2.0
     return v
 
 
+def check_recipe(saved: dict, cfg: TrainConfig) -> None:
+    """Refuse to resume a checkpoint under another noise schedule or image scale (the weights
+    would be trained on one and continued on the other). ``saved``: the checkpoint's config dict;
+    one without the fields was trained with :data:`LEGACY_RECIPE`."""
+    from csg_jax.errors import ConfigError
+
+    schedule = saved.get("beta_schedule", LEGACY_RECIPE[0])
+    scale = float(saved.get("scaling_factor", LEGACY_RECIPE[1]))
+    if (schedule, scale) != (cfg.beta_schedule, float(cfg.scaling_factor)):
+        names = {v: k for k, v in RECIPES.items()}
+        raise ConfigError(
+            f"the checkpoint was trained with beta_schedule={schedule}, scaling_factor={scale} "
+            f"(recipe {names.get((schedule, scale), 'custom')}), this run asks for {cfg.beta_schedule}, "
+            f"{cfg.scaling_factor}: pass --recipe {names.get((schedule, scale), '...')} to resume it, or a new "
+            f"--out (optionally --init-from an export) to start the other recipe")
+
+
+def load_params_from_folder(folder: str, unet, text) -> dict:
+    """Float32 params ``{"unet", "text_encoder"}`` of a diffusers model folder (e.g. an earlier
+    export), checked against this run's parameter shapes."""
+    import jax
+
+    from csg_jax.errors import ConfigError
+    from csg_jax.pipeline import load_pipeline
+
+    loaded = load_pipeline(folder).params
+    params = {k: jax.tree.map(lambda a: np.asarray(a, np.float32), loaded[k]) for k in ("unet", "text_encoder")}
+    want = jax.tree.map(lambda a: tuple(a.shape), param_shapes(unet, text))
+    got = jax.tree.map(lambda a: tuple(a.shape), params)
+    if want != got:
+        raise ConfigError(f"{folder}: its model does not have this run's architecture; cannot --init-from it")
+    return params
+
+
 def make_optimizer(cfg: TrainConfig):
     """AdamW *direction* (clip -> Adam -> decoupled weight decay); the step multiplies by -lr
     itself so the LR schedule's horizon can be a traced value (see :func:`learning_rate`).
@@ -485,7 +534,8 @@ def sample_timesteps(key, batch_size: int, num_train_timesteps: int, cfg: TrainC
     """(B,) int32 training timesteps: uniform on [0, T), except that a share ``cfg.t_focus`` of
     them is uniform on [0, t_focus_max).
 
-    Why: with images scaled by 0.18215 most of SD's timesteps leave too little signal for the
+    Why (for the ``sd_latent`` recipe; the cosine one needs no focus): with images scaled by
+    0.18215 most of SD's timesteps leave too little signal for the
     object's outline to matter (at t = 500 a pixel's signal is 0.11 of the noise); the shape is
     decided below t ~ 400 and its corners below t ~ 150. Uniform sampling spends 60% of the steps
     where only colours and the blob's place are learned, which the model already knows early.
@@ -521,7 +571,7 @@ def make_train_step(cfg: TrainConfig, configs: dict, unet, text, tx, remat: str 
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         k_idx, k_t, k_noise, k_drop = jax.random.split(key, 4)
         idx = jax.random.randint(k_idx, (B,), 0, pool_images.shape[0])
-        x0 = (pool_images[idx].astype(jnp.float32) / 127.5 - 1.0) * SCALING_FACTOR
+        x0 = (pool_images[idx].astype(jnp.float32) / 127.5 - 1.0) * cfg.scaling_factor
         drop = jax.random.bernoulli(k_drop, cfg.p_uncond, (B,))
         ids = token_table[jnp.where(drop, EMPTY_ROW, pool_rows[idx])]
         t = sample_timesteps(k_t, B, T, cfg)
@@ -610,7 +660,7 @@ class Checkpointer:
 
 
 def export_model(folder: str, configs: dict, ema_params: dict, step: int, words=None,
-                 tar_path: Optional[str] = None) -> str:
+                 tar_path: Optional[str] = None, scaling_factor: float = SCALING_FACTOR) -> str:
     """Write the EMA weights as a diffusers-format pixel model folder, atomically (a new folder is
     renamed over the old one), and optionally a tar of it (also atomic). Returns ``folder``."""
     import jax
@@ -622,7 +672,7 @@ def export_model(folder: str, configs: dict, ema_params: dict, step: int, words=
     os.makedirs(parent, exist_ok=True)
     host = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(ema_params))
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    meta = {"kind": "pixel", "scaling_factor": SCALING_FACTOR, "mask_res": 16, "trained_steps": int(step)}
+    meta = {"kind": "pixel", "scaling_factor": float(scaling_factor), "mask_res": 16, "trained_steps": int(step)}
     write_model_folder(tmp, configs, host, words=words or shapes_words(), csg_jax_meta=meta,
                        weight_dtype=np.float16)
     for root, dirs, files in os.walk(tmp):  # mkdtemp makes 0700; make it an ordinary folder
@@ -674,6 +724,7 @@ class RunOptions:
     progress: bool = True
     reserve_s: float = 20.0  # budget kept back for the final checkpoint + export
     compile_cache: Optional[str] = None  # JAX persistent compilation cache directory
+    init_from: Optional[str] = None  # diffusers folder whose weights start a new run (ignored on resume)
 
 
 class _Log:
@@ -727,7 +778,7 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
     if opts.compile_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(opts.compile_cache))
     print(f"[jax] {jax.__version__} devices={jax.devices()}", flush=True)
-    configs = model_configs()
+    configs = model_configs(beta_schedule=cfg.beta_schedule)
     words = shapes_words()
     with tempfile.TemporaryDirectory() as tmp:
         vocab = write_clip_tokenizer(tmp, words)
@@ -750,9 +801,14 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
         latest = ckpt.latest_step() if ckpt is not None else None
         if latest is not None:
             state, meta = ckpt.restore(latest, state)
+            check_recipe(meta.get("config", {}), cfg)
             print(f"[ckpt] resumed from step {latest} ({ckpt.directory})", flush=True)
             if meta.get("config", {}).get("steps") != cfg.steps:  # a new plan: its horizon
                 state = state.replace(horizon=jnp.asarray(cfg.steps, jnp.int32))
+        elif opts.init_from:
+            params = load_params_from_folder(opts.init_from, unet, text)
+            state = state.replace(params=params, ema=jax.tree.map(jnp.copy, params))
+            print(f"[init] weights from {opts.init_from} (fresh optimizer, step 0)", flush=True)
         return state, latest
 
     state, resumed_from = fresh_state()
@@ -822,9 +878,14 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
     fitted = False
     stop_reason = "steps"
     first_call = True
+    stop_request = _StopRequest()
     while step < target:
         if opts.time_budget_s and elapsed() > opts.time_budget_s - opts.reserve_s:
             stop_reason = "time budget"
+            break
+        if stop_request.signal:
+            stop_reason = f"signal {stop_request.signal}"
+            print(f"\n[train] {stop_reason}: checkpoint and export at step {step}, then exit", flush=True)
             break
         try:
             state, metrics = compiled(state, pool_images, pool_rows, token_table)
@@ -882,9 +943,10 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
         if ckpt is not None and opts.ckpt_every and step % opts.ckpt_every == 0:
             ckpt.save(step, state, {"config": dataclasses.asdict(run_cfg), "model": configs})
         if opts.export and opts.export_every_s and time.perf_counter() - last_export > opts.export_every_s:
-            export_model(opts.export, configs, state.ema, step, words, opts.export_tar)
+            export_model(opts.export, configs, state.ema, step, words, opts.export_tar, cfg.scaling_factor)
             last_export, exported_step = time.perf_counter(), step
             log.write(event="export", step=step, elapsed=round(elapsed(), 2))
+    stop_request.restore()
     jax.block_until_ready(state.step)
     t_end_train = time.perf_counter()
     if bar is not None:
@@ -896,7 +958,7 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
             ckpt.save(step, state, {"config": dataclasses.asdict(run_cfg), "model": configs})
         ckpt.close()
     if opts.export and stop_reason != "non-finite loss" and exported_step != step:
-        export_model(opts.export, configs, state.ema, step, words, opts.export_tar)
+        export_model(opts.export, configs, state.ema, step, words, opts.export_tar, cfg.scaling_factor)
         log.write(event="export", step=step, elapsed=round(elapsed(), 2))
 
     steps_run = step - start_step
@@ -913,6 +975,37 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
     log.write(event="end", **summary)
     log.close()
     return summary
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM during training ask for a clean stop (checkpoint + export) after the
+    current step instead of killing the run; a second one stops at once. A no-op off the main
+    thread (signal handlers can only be installed there)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.signal, self._old = None, {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.signal is not None:  # asked twice: give up on the clean stop
+            self.restore()
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 def _samples_per_s(step: int, start_step: int, t_first: Optional[float], batch_size: int) -> float:
