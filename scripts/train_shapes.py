@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from csg_jax.shapes.train import DEFAULT_RECIPE, RECIPES  # numpy only: --help stays fast
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\nOnly")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run directory: Orbax checkpoints and train_log.jsonl")
@@ -50,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--t-focus", type=float, default=0.0, help="share of timesteps drawn below --t-focus-max "
                    "(default 0: uniform; 0.5 trains the shape-deciding low timesteps more, see sample_timesteps)")
     p.add_argument("--t-focus-max", type=int, default=400, help="(default 400)")
-    p.add_argument("--recipe", choices=("pixel_cosine", "sd_latent"), default="pixel_cosine",
+    p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
                    help="noise schedule and image scale: pixel_cosine (default: cosine betas on [-1, 1] "
                         "images) or sd_latent (SD's betas, images x 0.18215; how runs before Nov 2026 trained)")
     p.add_argument("--init-from", default=None, help="start a new run from the weights of this diffusers model "

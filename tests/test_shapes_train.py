@@ -198,3 +198,8 @@ def test_a_signal_asks_for_a_clean_stop_and_a_second_one_interrupts():
     finally:
         request.restore()
     assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(RuntimeError):  # the training loop fails: Ctrl-C must work again afterwards
+        with T._StopRequest():
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            raise RuntimeError
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -43,7 +43,6 @@ import numpy as np
 from csg_jax.shapes import world
 from csg_jax.tokenizer_files import DEFAULT_WORDS, build_vocab_and_merges, write_clip_tokenizer
 
-SCALING_FACTOR = 1.0  # images in [-1, 1] are the "latents" as they are (see RECIPES)
 # (beta_schedule, scaling_factor) of the two recipes we trained. "sd_latent" copies SD: its
 # scaled-linear betas and the 0.18215 latent scale. On raw pixels (std 0.73) that leaves a
 # per-pixel log10 SNR below 0 for every t > 30 and below -2 for half of them, so nearly all the
@@ -53,7 +52,9 @@ SCALING_FACTOR = 1.0  # images in [-1, 1] are the "latents" as they are (see REC
 # half of the steps above -0.3, and at the last sampling step less signal left (0.03 x0) than
 # SD's 0.068, so the model still has to read the caption.
 RECIPES = {"pixel_cosine": ("squaredcos_cap_v2", 1.0), "sd_latent": ("scaled_linear", 0.18215)}
-LEGACY_RECIPE = RECIPES["sd_latent"]
+DEFAULT_RECIPE = "pixel_cosine"
+LEGACY_RECIPE = RECIPES["sd_latent"]  # of checkpoints saved before the recipe was recorded
+SCALING_FACTOR = RECIPES[DEFAULT_RECIPE][1]  # 1.0: images in [-1, 1] are the "latents" as they are
 IMAGE_SIZE = 32
 EMPTY_ROW = 0  # row of "" in the caption table (the unconditional caption)
 CHUNK = 256  # scenes rendered per worker task
@@ -84,8 +85,8 @@ class TrainConfig:
     token_embed_std: float = 1.0
     # Noise schedule and image scale (see RECIPES). The first runs used SD's ("sd_latent");
     # checkpoints saved without these fields were trained with it.
-    beta_schedule: str = "squaredcos_cap_v2"
-    scaling_factor: float = 1.0
+    beta_schedule: str = RECIPES[DEFAULT_RECIPE][0]
+    scaling_factor: float = RECIPES[DEFAULT_RECIPE][1]
     dtype: str = "float32"  # activation dtype: float32 or bfloat16 (params and loss stay float32)
     remat: str = "auto"  # rematerialisation: auto | off | attention | full (see REMAT_MODES)
 
@@ -95,7 +96,7 @@ def shapes_words() -> list[str]:
     return sorted(set(world.VOCABULARY) | set(DEFAULT_WORDS))
 
 
-def model_configs(vocab_size: Optional[int] = None, beta_schedule: str = "squaredcos_cap_v2") -> dict:
+def model_configs(vocab_size: Optional[int] = None, beta_schedule: str = RECIPES[DEFAULT_RECIPE][0]) -> dict:
     """config.json contents of each component (diffusers / transformers field names)."""
     if vocab_size is None:
         vocab_size = len(build_vocab_and_merges(shapes_words())[0])
@@ -878,75 +879,75 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
     fitted = False
     stop_reason = "steps"
     first_call = True
-    stop_request = _StopRequest()
-    while step < target:
-        if opts.time_budget_s and elapsed() > opts.time_budget_s - opts.reserve_s:
-            stop_reason = "time budget"
-            break
-        if stop_request.signal:
-            stop_reason = f"signal {stop_request.signal}"
-            print(f"\n[train] {stop_reason}: checkpoint and export at step {step}, then exit", flush=True)
-            break
-        try:
-            state, metrics = compiled(state, pool_images, pool_rows, token_table)
-            if first_call:
-                jax.block_until_ready(metrics["loss"])
-        except Exception as e:
-            if not (first_call and _is_oom(e) and batch_size // 2 >= MIN_BATCH):
-                raise
-            batch_size //= 2  # the donated state may be gone: rebuild it
-            print(f"[train] out of memory on the first step; batch -> {batch_size}", flush=True)
-            state, _ = fresh_state()
-            run_cfg, compiled, compile_s = compile_step(batch_size, remat)
-            continue
-        step += 1
-        pending.append(metrics)
-        if first_call:
-            t_first, first_call = time.perf_counter(), False
-        if bar is not None:
-            bar.update(1)
-
-        # Fit the LR horizon to the budget once the speed is known (during warmup: no LR jump).
-        if (opts.time_budget_s and opts.fit_schedule and not fitted
-                and step - start_step == opts.calibrate_steps + 1):
-            jax.block_until_ready(metrics["loss"])
-            per_step = (time.perf_counter() - t_first) / opts.calibrate_steps
-            left = opts.time_budget_s - opts.reserve_s - elapsed()
-            fit = int(step + 0.95 * left / per_step)  # 5%: periodic exports / checkpoints / logging
-            horizon = max(step + 1, min(cfg.steps, fit))
-            state = state.replace(horizon=jnp.asarray(horizon, jnp.int32))
-            target = horizon
-            fitted = True
-            if bar is not None:
-                bar.total = target
-                bar.refresh()
-            print(f"\n[schedule] {1 / per_step:.1f} steps/s -> LR horizon {horizon} steps "
-                  f"(asked {cfg.steps})", flush=True)
-            log.write(event="fit_schedule", step=step, steps_per_s=round(1 / per_step, 3), horizon=horizon)
-
-        if step % opts.log_every == 0 or step == target:
-            fetched = jax.device_get(pending)
-            pending = []
-            loss = float(np.mean([m["loss"] for m in fetched]))
-            record = dict(step=step, loss=round(loss, 6), elapsed=round(elapsed(), 2),
-                          lr=float(fetched[-1]["lr"]), grad_norm=round(float(fetched[-1]["grad_norm"]), 4))
-            log.write(**record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", sps=f"{_samples_per_s(step, start_step, t_first, batch_size):.0f}")
-            elif step % (opts.log_every * 10) == 0:
-                print(json.dumps(record), flush=True)
-            if not np.isfinite(loss):
-                stop_reason = "non-finite loss"
-                print(f"\n[train] non-finite loss at step {step}; stopping", flush=True)
+    with _StopRequest() as stop_request:  # handlers restored however the loop ends
+        while step < target:
+            if opts.time_budget_s and elapsed() > opts.time_budget_s - opts.reserve_s:
+                stop_reason = "time budget"
                 break
+            if stop_request.signal:
+                stop_reason = f"signal {stop_request.signal}"
+                print(f"\n[train] {stop_reason}: checkpoint and export at step {step}, then exit", flush=True)
+                break
+            try:
+                state, metrics = compiled(state, pool_images, pool_rows, token_table)
+                if first_call:
+                    jax.block_until_ready(metrics["loss"])
+            except Exception as e:
+                if not (first_call and _is_oom(e) and batch_size // 2 >= MIN_BATCH):
+                    raise
+                batch_size //= 2  # the donated state may be gone: rebuild it
+                print(f"[train] out of memory on the first step; batch -> {batch_size}", flush=True)
+                state, _ = fresh_state()
+                run_cfg, compiled, compile_s = compile_step(batch_size, remat)
+                continue
+            step += 1
+            pending.append(metrics)
+            if first_call:
+                t_first, first_call = time.perf_counter(), False
+            if bar is not None:
+                bar.update(1)
 
-        if ckpt is not None and opts.ckpt_every and step % opts.ckpt_every == 0:
-            ckpt.save(step, state, {"config": dataclasses.asdict(run_cfg), "model": configs})
-        if opts.export and opts.export_every_s and time.perf_counter() - last_export > opts.export_every_s:
-            export_model(opts.export, configs, state.ema, step, words, opts.export_tar, cfg.scaling_factor)
-            last_export, exported_step = time.perf_counter(), step
-            log.write(event="export", step=step, elapsed=round(elapsed(), 2))
-    stop_request.restore()
+            # Fit the LR horizon to the budget once the speed is known (during warmup: no LR jump).
+            if (opts.time_budget_s and opts.fit_schedule and not fitted
+                    and step - start_step == opts.calibrate_steps + 1):
+                jax.block_until_ready(metrics["loss"])
+                per_step = (time.perf_counter() - t_first) / opts.calibrate_steps
+                left = opts.time_budget_s - opts.reserve_s - elapsed()
+                fit = int(step + 0.95 * left / per_step)  # 5%: periodic exports / checkpoints / logging
+                horizon = max(step + 1, min(cfg.steps, fit))
+                state = state.replace(horizon=jnp.asarray(horizon, jnp.int32))
+                target = horizon
+                fitted = True
+                if bar is not None:
+                    bar.total = target
+                    bar.refresh()
+                print(f"\n[schedule] {1 / per_step:.1f} steps/s -> LR horizon {horizon} steps "
+                      f"(asked {cfg.steps})", flush=True)
+                log.write(event="fit_schedule", step=step, steps_per_s=round(1 / per_step, 3), horizon=horizon)
+
+            if step % opts.log_every == 0 or step == target:
+                fetched = jax.device_get(pending)
+                pending = []
+                loss = float(np.mean([m["loss"] for m in fetched]))
+                record = dict(step=step, loss=round(loss, 6), elapsed=round(elapsed(), 2),
+                              lr=float(fetched[-1]["lr"]), grad_norm=round(float(fetched[-1]["grad_norm"]), 4))
+                log.write(**record)
+                if bar is not None:
+                    sps = _samples_per_s(step, start_step, t_first, batch_size)
+                    bar.set_postfix(loss=f"{loss:.4f}", sps=f"{sps:.0f}")
+                elif step % (opts.log_every * 10) == 0:
+                    print(json.dumps(record), flush=True)
+                if not np.isfinite(loss):
+                    stop_reason = "non-finite loss"
+                    print(f"\n[train] non-finite loss at step {step}; stopping", flush=True)
+                    break
+
+            if ckpt is not None and opts.ckpt_every and step % opts.ckpt_every == 0:
+                ckpt.save(step, state, {"config": dataclasses.asdict(run_cfg), "model": configs})
+            if opts.export and opts.export_every_s and time.perf_counter() - last_export > opts.export_every_s:
+                export_model(opts.export, configs, state.ema, step, words, opts.export_tar, cfg.scaling_factor)
+                last_export, exported_step = time.perf_counter(), step
+                log.write(event="export", step=step, elapsed=round(elapsed(), 2))
     jax.block_until_ready(state.step)
     t_end_train = time.perf_counter()
     if bar is not None:
@@ -991,6 +992,12 @@ class _StopRequest:
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
+
+    def __enter__(self) -> "_StopRequest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def _handle(self, signum, frame):
         import signal
