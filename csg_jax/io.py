@@ -93,11 +93,13 @@ def mask_to_image(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(m.resize((size[1], size[0]), Image.NEAREST))
 
 
-def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Tint the foreground (mask ~ 1) red on a (H, W, 3) [0, 1] image."""
+def overlay(image: np.ndarray, mask: np.ndarray, floor: float = 0.2) -> np.ndarray:
+    """The (H, W, 3) [0, 1] image where the (H, W) uint8 mask is 255, dimmed to ``floor`` of its
+    brightness where it is 0 (linearly between). Dimming, not a colour tint: a tint hides on an
+    object of the tint's colour (the demo's red circle) and colours the background wherever the
+    soft mask is slightly above 0."""
     m = mask.astype(np.float32)[..., None] / 255.0
-    red = np.array([1.0, 0.15, 0.15], np.float32)
-    return image * (1 - 0.6 * m) + red * 0.6 * m
+    return image * (floor + (1.0 - floor) * m)
 
 
 def grid(panels: list[np.ndarray], labels: Optional[list[str]] = None, pad: int = 4,

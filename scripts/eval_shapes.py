@@ -36,6 +36,22 @@ def judged_accuracy(judge, images: np.ndarray, batch: dict) -> dict:
     return out
 
 
+def shape_confusion(wanted: np.ndarray, judged: np.ndarray, names) -> dict:
+    """Counts of (requested shape, judged shape): ``{requested: {judged: count}}`` over ``names``.
+    A model that ignores the shape word shows up as one column (the blob it always draws)."""
+    k = len(names)
+    counts = np.zeros((k, k), int)
+    np.add.at(counts, (np.asarray(wanted), np.asarray(judged)), 1)
+    return {a: {b: int(counts[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)}
+
+
+def confusion_table(confusion: dict) -> str:
+    names = list(confusion)
+    lines = ["| requested \\ judged | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    lines += [f"| {a} | " + " | ".join(str(confusion[a][b]) for b in names) + " |" for a in names]
+    return "\n".join(lines)
+
+
 def table(rows: list[tuple[str, str, str, str]]) -> str:
     head = ("metric", "value", "bar", "ok")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -84,6 +100,7 @@ def run(args) -> int:
         for i in range(0, args.n, args.batch_size)])
     sample_s = time.perf_counter() - t0
     acc = judged_accuracy(judge, samples, batch)
+    confusion = shape_confusion(batch["shape"], judge(samples)["shape"], world.SHAPES)
     real = judged_accuracy(judge, batch["images"], batch)
 
     t0 = time.perf_counter()
@@ -99,13 +116,14 @@ def run(args) -> int:
                  f">= {BARS['localisation']}", "yes" if ok_loc else "NO"))
     rows.append(("judge accuracy on the real images (all three)", f"{real['all']:.3f}", "", ""))
     passed = all(acc[k] >= BARS[k] for k in ("shape", "color", "background")) and ok_loc
-    md = table(rows)
+    md = table(rows) + "\n\nShapes of the samples (rows: the caption's shape; columns: the judge's):\n\n" + \
+        confusion_table(confusion)
     print(f"model {args.model}: n={args.n}, {args.steps} DDIM steps, guidance {args.guidance}")
     print(md, flush=True)
 
     report = {
         "model": os.path.abspath(args.model), "n": args.n, "steps": args.steps, "guidance": args.guidance,
-        "seed": args.seed, "accuracy": acc, "judge_on_real": real,
+        "seed": args.seed, "accuracy": acc, "shape_confusion": confusion, "judge_on_real": real,
         "localisation": {"ratio": loc["ratio"], "t": loc["t"], "per_layer": loc["per_layer"],
                          "measured_on": "held-out real images noised to t, conditional branch"},
         "bars": BARS, "passed": passed, "seconds": {"sampling": round(sample_s, 1), "localisation": round(loc_s, 1)},

@@ -52,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--t-focus", type=float, default=0.0, help="share of timesteps drawn below --t-focus-max "
                    "(default 0: uniform; 0.5 trains the shape-deciding low timesteps more, see sample_timesteps)")
     p.add_argument("--t-focus-max", type=int, default=400, help="(default 400)")
+    p.add_argument("--edge-weight", type=float, default=0.0, help="extra loss weight of the pixels near the "
+                   "object's outline: 1 + this there, 1 elsewhere (default 0: plain MSE; 4 makes the shape "
+                   "word matter more, see csg_jax.shapes.train.edge_bands)")
+    p.add_argument("--edge-width", type=int, default=2, help="half-thickness in pixels of that band (default 2)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
                    help="noise schedule and image scale: pixel_cosine (default: cosine betas on [-1, 1] "
                         "images) or sd_latent (SD's betas, images x 0.18215; how runs before Nov 2026 trained)")
@@ -86,6 +90,8 @@ def main(argv=None) -> int:
         ema_decay=args.ema_decay,
         t_focus=args.t_focus,
         t_focus_max=args.t_focus_max,
+        edge_weight=args.edge_weight,
+        edge_width=args.edge_width,
         dtype=args.dtype,
         remat=args.remat,
         beta_schedule=RECIPES[args.recipe][0],

@@ -3,6 +3,8 @@ with ``scripts/train_shapes.py --smoke``)."""
 
 import copy
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -87,21 +89,62 @@ def test_batch_shrinks_to_fit_the_memory_estimate():
 
 def test_pool_is_the_same_with_workers_or_without():
     job = T.PoolJob(300, seed=5, workers=2, chunk=128)
-    images, captions = job.result()
+    images, captions, masks = job.result()
     tasks = [(T.chunk_seed(5, i), n) for i, n in enumerate((128, 128, 44))]
     ref = [T.render_chunk(t) for t in tasks]
     assert images.shape == (300, 32, 32, 3) and images.dtype == np.uint8
     assert np.array_equal(images, np.concatenate([r[0] for r in ref]))
     assert captions == [c for r in ref for c in r[1]]
+    assert masks.shape == (300, 32, 32) and np.array_equal(masks, np.concatenate([r[2] for r in ref]))
     assert job.seconds is not None and job.seconds > 0
 
 
 def test_pool_falls_back_to_repeating_a_smaller_pool_rendered_in_process():
     job = T.PoolJob(300, seed=5, workers=1, chunk=128)
     job._pool.terminate()  # dead workers: their tasks never finish
-    images, captions = job.result(timeout=1.0, fallback=100)
-    assert images.shape == (300, 32, 32, 3) and len(captions) == 300
+    images, captions, masks = job.result(timeout=1.0, fallback=100)
+    assert images.shape == (300, 32, 32, 3) and len(captions) == 300 and masks.shape == (300, 32, 32)
     assert np.array_equal(images[100:200], images[:100]) and captions[250] == captions[50]
+    assert np.array_equal(masks[100:200], masks[:100])
+
+
+def test_edge_band_is_the_ring_around_the_outline():
+    square = np.zeros((32, 32), bool)
+    square[10:20, 10:20] = True
+    band = T.edge_bands(square[None], 2)[0]
+    # Closed form: within 2 (8-neighbour) steps of the outline = the 14x14 grown square minus the
+    # 6x6 shrunk one.
+    expected = np.zeros((32, 32), bool)
+    expected[8:22, 8:22] = True
+    expected[12:18, 12:18] = False
+    assert band.dtype == np.uint8 and np.array_equal(band.astype(bool), expected)
+    assert not T.edge_bands(np.zeros((1, 32, 32), bool), 2).any()
+    # On world scenes: the band holds every pixel where the mask changes, and nothing far inside.
+    masks = world.make_batch(1, 16)["masks"]
+    bands = T.edge_bands(masks, 1).astype(bool)
+    changes = np.zeros_like(masks)
+    changes[:, 1:] |= masks[:, 1:] != masks[:, :-1]
+    changes[:, :, 1:] |= masks[:, :, 1:] != masks[:, :, :-1]
+    assert np.all(bands[changes]) and 0 < bands.mean() < 0.5
+
+
+def test_weighted_loss_is_the_weighted_mean_of_squared_errors():
+    configs = _tiny_configs()
+    unet, text = T.build_models(configs)
+    cfg = T.TrainConfig(batch_size=2)
+    state = T.init_state(cfg, unet, text, T.make_optimizer(cfg))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+    t, ids = jnp.array([10, 700]), jnp.ones((2, 77), jnp.int32)
+    weights = 1.0 + 4.0 * rng.integers(0, 2, (2, 16, 16)).astype(np.float32)
+    loss_fn = T.make_loss_fn(cfg, unet, text)
+    context = text.apply({"params": state.params["text_encoder"]}, ids)
+    out = np.asarray(unet.apply({"params": state.params["unet"]}, x, t, context)[0], np.float64)
+    err = (out - np.asarray(target, np.float64)) ** 2
+    expected = (err * weights[..., None]).sum() / (3 * weights.sum())
+    assert float(loss_fn(state.params, x, t, ids, target, jnp.asarray(weights))) == pytest.approx(expected, rel=1e-5)
+    assert float(loss_fn(state.params, x, t, ids, target)) == pytest.approx(err.mean(), rel=1e-5)
 
 
 def _tiny_configs():
@@ -128,25 +171,26 @@ def test_train_step_remat_equivalence_learning_and_export(tmp_path):
 
     configs = _tiny_configs()
     unet, text = T.build_models(configs)
-    cfg = T.TrainConfig(batch_size=4, steps=30, warmup_steps=1, lr=1e-3)
+    cfg = T.TrainConfig(batch_size=4, steps=30, warmup_steps=1, lr=1e-3, edge_weight=4.0)
     tx = T.make_optimizer(cfg)
     state = T.init_state(cfg, unet, text, tx)
     batch = world.make_batch(0, 4)
     pool = jnp.asarray(batch["images"][:, ::2, ::2])  # 16x16: fast
     rows = jnp.asarray(T.caption_rows(batch["captions"], T.all_captions()))
+    bands = jnp.asarray(T.edge_bands(batch["masks"][:, ::2, ::2], 1))
     table = jnp.asarray(np.arange(len(T.all_captions()) * 77).reshape(-1, 77) % 500, jnp.int32)
 
     plain = T.make_train_step(cfg, configs, unet, text, tx, "off")
     step = T.make_train_step(cfg, configs, unet, text, tx, "attention")
-    ref, m_ref = plain(jax.tree.map(jnp.copy, state), pool, rows, table)  # donates the copy
-    state, m = step(state, pool, rows, table)
+    ref, m_ref = plain(jax.tree.map(jnp.copy, state), pool, rows, bands, table)  # donates the copy
+    state, m = step(state, pool, rows, bands, table)
     # (Params after one Adam step are no test: g / (|g| + eps) of near-zero gradients is noise.)
     assert float(m["loss"]) == pytest.approx(float(m_ref["loss"]), rel=1e-6)
     assert float(m["grad_norm"]) == pytest.approx(float(m_ref["grad_norm"]), rel=1e-4)
 
     losses = [float(m["loss"])]
     for _ in range(29):
-        state, m = step(state, pool, rows, table)
+        state, m = step(state, pool, rows, bands, table)
         losses.append(float(m["loss"]))
     assert int(state.step) == 30 and np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
@@ -159,6 +203,12 @@ def test_train_step_remat_equivalence_learning_and_export(tmp_path):
         np.testing.assert_array_equal(a, np.asarray(b, np.float16).astype(np.float32))
     assert (tmp_path / "m.tar").stat().st_size > 0
     assert pipe.scheduler_config.beta_schedule == cfg.beta_schedule == "squaredcos_cap_v2"
+    # A run started from an earlier model records the steps behind it too.
+    assert T.trained_steps_of(folder) == 30
+    continued = T.export_model(str(tmp_path / "continued"), configs, state.ema, 30, base_steps=5325)
+    assert T.trained_steps_of(continued) == 5355 and T.trained_steps_of(str(tmp_path / "absent")) == 0
+    with open(os.path.join(continued, "model_index.json")) as f:
+        assert json.load(f)["csg_jax"]["init_steps"] == 5325
 
     # --init-from: the export's weights come back as this run's float32 params ...
     loaded = T.load_params_from_folder(folder, unet, text)

@@ -90,3 +90,12 @@ def test_model_names_resolve_and_a_missing_shipped_model_says_what_to_do(tmp_pat
 def test_load_image_rejects_missing_files(tmp_path):
     with pytest.raises(ImageError, match="not found"):
         io.load_image(str(tmp_path / "nope.png"), 32, 8)
+
+
+def test_mask_overlay_keeps_the_foreground_and_dims_the_background():
+    image = np.full((2, 2, 3), 0.5, np.float32)
+    mask = np.array([[255, 0], [128, 255]], np.uint8)
+    out = io.overlay(image, mask)
+    np.testing.assert_allclose(out[0, 0], image[0, 0])  # foreground as it is, whatever its colour
+    np.testing.assert_allclose(out[0, 1], 0.2 * image[0, 1])  # background dimmed, not tinted
+    assert np.all(out[1, 0] == out[1, 0, 0]) and 0.1 < out[1, 0, 0] < 0.5  # grey stays grey

@@ -114,6 +114,29 @@ def render(scene: Scene, size: int = 32, supersample: int = 4) -> tuple[np.ndarr
     return image, coverage >= 0.5
 
 
+def _max_filter3(masks: np.ndarray) -> np.ndarray:
+    """3x3 (8-neighbour) binary dilation of (..., H, W) bool masks; outside the image counts as False."""
+    h, w = masks.shape[-2:]
+    pad = np.pad(masks, [(0, 0)] * (masks.ndim - 2) + [(1, 1), (1, 1)])
+    out = np.zeros_like(masks)
+    for dy in range(3):
+        for dx in range(3):
+            out |= pad[..., dy:dy + h, dx:dx + w]
+    return out
+
+
+def boundary_band(masks: np.ndarray, width: int = 2) -> np.ndarray:
+    """Pixels within ``width`` pixels (8-neighbour steps) of the object's outline, (..., H, W) bool:
+    the dilated mask minus the eroded mask. This is where two shapes of the same size and place
+    differ (a square's corners, a star's notches), so it is where a shape is drawn or not."""
+    masks = np.asarray(masks, bool)
+    grown, shrunk = masks, masks
+    for _ in range(width):
+        grown = _max_filter3(grown)
+        shrunk = ~_max_filter3(~shrunk)
+    return grown & ~shrunk
+
+
 def split_rng(seed: int, split: str = "train") -> np.random.Generator:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}")
