@@ -84,7 +84,7 @@ class TrainConfig:
     t_focus_max: int = 400
     token_embed_std: float = 1.0
     # Loss weight of the pixels near the object's outline: 1 + edge_weight there, 1 elsewhere (see
-    # edge_weights). 0 is the plain MSE all runs before Nov 27 2026 used.
+    # edge_bands). 0 is the plain MSE all runs before Nov 27 2026 used.
     edge_weight: float = 0.0
     edge_width: int = 2  # half-thickness of that band, in pixels
     # Noise schedule and image scale (see RECIPES). The first runs used SD's ("sd_latent");
@@ -250,10 +250,11 @@ def edge_bands(masks: np.ndarray, width: int) -> np.ndarray:
     :func:`csg_jax.shapes.world.boundary_band`), else 0. Stored with the pool, weighted by the step.
 
     Why weight them: a model that ignores the shape word and paints a blob of the right colour
-    only errs near the outline, where 1024-pixel images have ~20% of their pixels, and most of
-    the MSE is the texture and noise nobody can predict. Uniform weighting left the shape word
-    nearly unused after 5,000 steps (a wrong shape word raised the x0 error by 1-2%, a dropped
-    caption by 17-26%); up-weighting the band puts more of each gradient on the outline.
+    only errs near the outline (at width 2 about a quarter of a world image's pixels), and most
+    of the MSE is the texture and noise nobody can predict. After 5,325 uniform steps the samples
+    were blobs of the right colour (shape accuracy 0.315) and 1,100 of those steps had not moved
+    it; 1,081 steps continued with ``edge_weight`` 4 moved it to 0.405 (same 200 held-out
+    captions, 29 gained and 11 lost).
     """
     return world.boundary_band(masks, width).astype(np.uint8)
 
