@@ -27,9 +27,8 @@ import numpy as np
 BARS = {"shape": 0.9, "color": 0.9, "background": 0.9, "localisation": 2.0}
 
 
-def judged_accuracy(judge, images: np.ndarray, batch: dict) -> dict:
-    """Per-head and all-three accuracy of ``images`` against the batch's labels."""
-    pred = judge(images)
+def judged_accuracy(pred: dict, batch: dict) -> dict:
+    """Per-head and all-three accuracy of the judge's predictions ``pred`` against the batch's labels."""
     hits = {k: pred[k] == np.asarray(batch[k]) for k in ("shape", "color", "background")}
     out = {k: float(v.mean()) for k, v in hits.items()}
     out["all"] = float(np.mean(hits["shape"] & hits["color"] & hits["background"]))
@@ -99,9 +98,10 @@ def run(args) -> int:
         sample(pipe, captions[i:i + args.batch_size], args.steps, args.guidance, seed=args.seed + i)
         for i in range(0, args.n, args.batch_size)])
     sample_s = time.perf_counter() - t0
-    acc = judged_accuracy(judge, samples, batch)
-    confusion = shape_confusion(batch["shape"], judge(samples)["shape"], world.SHAPES)
-    real = judged_accuracy(judge, batch["images"], batch)
+    judged = judge(samples)  # once: accuracy, confusion and per-caption names all read it
+    acc = judged_accuracy(judged, batch)
+    confusion = shape_confusion(batch["shape"], judged["shape"], world.SHAPES)
+    real = judged_accuracy(judge(batch["images"]), batch)
 
     t0 = time.perf_counter()
     positions = np.array([word_spans(pipe.tokenizer, c, sc.shape)[0][0] for c, sc in zip(captions, batch["scenes"])])
@@ -127,7 +127,7 @@ def run(args) -> int:
         "localisation": {"ratio": loc["ratio"], "t": loc["t"], "per_layer": loc["per_layer"],
                          "measured_on": "held-out real images noised to t, conditional branch"},
         "bars": BARS, "passed": passed, "seconds": {"sampling": round(sample_s, 1), "localisation": round(loc_s, 1)},
-        "per_caption": [{"caption": c, **j} for c, j in zip(captions, judge.names(judge(samples)))],
+        "per_caption": [{"caption": c, **j} for c, j in zip(captions, judge.names(judged))],
     }
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -29,6 +29,7 @@ import numpy as np
 
 from csg_jax.errors import PromptError
 from csg_jax.shapes import world
+from csg_jax.shapes.world import dilate
 from csg_jax.shapes.judge import Judge, iou, object_mask
 
 DEFAULT_TASKS = ("circle2square", "square2triangle", "red2blue", "yellow2purple")
@@ -68,23 +69,6 @@ def task_sources(task: Task, n: int, seed: int = 0) -> dict:
     batch = world.make_batch(seed, 2 * n + 8, split="heldout", **{task.attribute: task.source})
     ok = [i for i, sc in enumerate(batch["scenes"]) if sc.background != task.target]
     return take(batch, ok[:n])
-
-
-def dilate(masks: np.ndarray, pixels: int) -> np.ndarray:
-    """bool (..., H, W) grown by ``pixels`` (square neighbourhood)."""
-    out = masks.copy()
-    for _ in range(pixels):
-        grown = out.copy()
-        grown[..., 1:, :] |= out[..., :-1, :]
-        grown[..., :-1, :] |= out[..., 1:, :]
-        grown[..., :, 1:] |= out[..., :, :-1]
-        grown[..., :, :-1] |= out[..., :, 1:]
-        grown[..., 1:, 1:] |= out[..., :-1, :-1]
-        grown[..., :-1, :-1] |= out[..., 1:, 1:]
-        grown[..., 1:, :-1] |= out[..., :-1, 1:]
-        grown[..., :-1, 1:] |= out[..., 1:, :-1]
-        out = grown
-    return out
 
 
 def edit_metrics(judge: Judge, task: Task, sources: dict, edits: np.ndarray, dilate_px: int = 2) -> dict:

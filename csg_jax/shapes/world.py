@@ -114,14 +114,20 @@ def render(scene: Scene, size: int = 32, supersample: int = 4) -> tuple[np.ndarr
     return image, coverage >= 0.5
 
 
-def _max_filter3(masks: np.ndarray) -> np.ndarray:
-    """3x3 (8-neighbour) binary dilation of (..., H, W) bool masks; outside the image counts as False."""
-    h, w = masks.shape[-2:]
-    pad = np.pad(masks, [(0, 0)] * (masks.ndim - 2) + [(1, 1), (1, 1)])
-    out = np.zeros_like(masks)
-    for dy in range(3):
-        for dx in range(3):
-            out |= pad[..., dy:dy + h, dx:dx + w]
+def dilate(masks: np.ndarray, pixels: int) -> np.ndarray:
+    """bool (..., H, W) grown by ``pixels`` (square neighbourhood)."""
+    out = masks.copy()
+    for _ in range(pixels):
+        grown = out.copy()
+        grown[..., 1:, :] |= out[..., :-1, :]
+        grown[..., :-1, :] |= out[..., 1:, :]
+        grown[..., :, 1:] |= out[..., :, :-1]
+        grown[..., :, :-1] |= out[..., :, 1:]
+        grown[..., 1:, 1:] |= out[..., :-1, :-1]
+        grown[..., :-1, :-1] |= out[..., 1:, 1:]
+        grown[..., 1:, :-1] |= out[..., :-1, 1:]
+        grown[..., :-1, 1:] |= out[..., 1:, :-1]
+        out = grown
     return out
 
 
@@ -130,11 +136,8 @@ def boundary_band(masks: np.ndarray, width: int = 2) -> np.ndarray:
     the dilated mask minus the eroded mask. This is where two shapes of the same size and place
     differ (a square's corners, a star's notches), so it is where a shape is drawn or not."""
     masks = np.asarray(masks, bool)
-    grown, shrunk = masks, masks
-    for _ in range(width):
-        grown = _max_filter3(grown)
-        shrunk = ~_max_filter3(~shrunk)
-    return grown & ~shrunk
+    shrunk = ~dilate(~masks, width)
+    return dilate(masks, width) & ~shrunk
 
 
 def split_rng(seed: int, split: str = "train") -> np.random.Generator:
