@@ -49,8 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=None, help="(default 500; smoke 5)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights that gets exported "
                    "(default 0.999; ~0.995 for runs of ~1,000 steps)")
-    p.add_argument("--t-focus", type=float, default=0.0, help="share of timesteps drawn below --t-focus-max "
-                   "(default 0: uniform; 0.5 trains the shape-deciding low timesteps more, see sample_timesteps)")
+    p.add_argument("--t-focus", type=float, default=0.0, help="share of timesteps drawn from "
+                   "[--t-focus-min, --t-focus-max) (default 0: uniform; with the cosine recipe 0.5 on [500, 900) "
+                   "trains where the shape word matters most, see sample_timesteps)")
+    p.add_argument("--t-focus-min", type=int, default=0, help="(default 0)")
     p.add_argument("--t-focus-max", type=int, default=400, help="(default 400)")
     p.add_argument("--edge-weight", type=float, default=0.0, help="extra loss weight of the pixels near the "
                    "object's outline: 1 + this there, 1 elsewhere (default 0: plain MSE; 4 makes the shape "
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
         ema_decay=args.ema_decay,
         t_focus=args.t_focus,
         t_focus_max=args.t_focus_max,
+        t_focus_min=args.t_focus_min,
         edge_weight=args.edge_weight,
         edge_width=args.edge_width,
         dtype=args.dtype,

@@ -76,6 +76,13 @@ def test_timestep_focus_draws_the_requested_share_below_the_cut():
     assert abs((focused < 400).mean() - 0.7) < 0.015 and abs((uniform < 400).mean() - 0.4) < 0.015
     above = np.histogram(focused[focused >= 400], bins=6, range=(400, 1000))[0]
     assert above.min() > 0.8 * above.mean()
+    # A window [500, 900): P(500 <= t < 900) = 0.5 + 0.5 * 0.4 = 0.7, the rest evenly spread.
+    window = np.asarray(T.sample_timesteps(key, 20000, 1000, T.TrainConfig(t_focus=0.5, t_focus_min=500, t_focus_max=900)))
+    inside = (window >= 500) & (window < 900)
+    assert abs(inside.mean() - 0.7) < 0.015 and window.min() >= 0 and window.max() <= 999
+    below = np.histogram(window[window < 500], bins=5, range=(0, 500))[0]
+    above = np.histogram(window[window >= 900], bins=1, range=(900, 1000))[0]
+    assert below.min() > 0.8 * below.mean() and abs(above[0] / below.mean() - 1) < 0.2
 
 
 def test_batch_shrinks_to_fit_the_memory_estimate():
