@@ -5,8 +5,16 @@ functions hanging off them) are session-scoped and shapes are kept few.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+# One persistent compilation cache for the session (this process and the CLIs it starts): many
+# tests build their own pipeline or run a CLI, and equal programs then compile once. Set before
+# JAX is imported, which reads these at import; removed when the session ends.
+_XLA_CACHE = tempfile.mkdtemp(prefix="csg_jax_test_xla_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest
 
@@ -35,3 +43,7 @@ def tiny_sd2(tiny_sd2_dir):
     from csg_jax.pipeline import load_pipeline
 
     return load_pipeline(tiny_sd2_dir)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
