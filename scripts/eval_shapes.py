@@ -11,6 +11,10 @@
 * The judge's own accuracy on those real images is reported too (it should be ~1).
 
 Writes ``OUT/eval.json``, ``OUT/samples.png`` (first 64 samples, caption order) and prints a table.
+``--compare OLD/eval.json`` (an eval of another model on the same captions, seed and settings)
+adds a paired comparison: per attribute, how many captions gained or lost the right answer and the
+exact McNemar p-value of the change (with n = 200 a 5-point change alone is within noise; the
+pairing is what tells a real change).
 Exit code 0 if every bar is met, 1 otherwise (``--no-fail`` to always exit 0).
 """
 
@@ -51,6 +55,49 @@ def confusion_table(confusion: dict) -> str:
     return "\n".join(lines)
 
 
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Exact two-sided McNemar p-value: under "no change" each discordant caption is a fair coin,
+    so p = P(a Binomial(gained + lost, 1/2) count is at least as lopsided)."""
+    from math import comb
+
+    n, k = gained + lost, min(gained, lost)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired_change(current: list[dict], baseline: list[dict]) -> dict:
+    """Per attribute (and all three), captions whose judged answer turned right (``gained``) or
+    wrong (``lost``) from ``baseline`` to ``current`` (``per_caption`` lists of two evals of the
+    same captions, in order), with :func:`mcnemar_p`."""
+    from csg_jax.shapes.world import parse_caption
+
+    if [c["caption"] for c in current] != [c["caption"] for c in baseline]:
+        raise ValueError("the two evals judged different captions: compare evals with the same --n and --seed")
+    heads = ("shape", "color", "background")
+
+    def hits(rows):
+        wanted = [parse_caption(r["caption"]) for r in rows]
+        per = {h: np.array([r[h] == w[h] for r, w in zip(rows, wanted)]) for h in heads}
+        per["all"] = per["shape"] & per["color"] & per["background"]
+        return per
+
+    now, before = hits(current), hits(baseline)
+    out = {}
+    for h in (*heads, "all"):
+        gained, lost = int(np.sum(now[h] & ~before[h])), int(np.sum(~now[h] & before[h]))
+        out[h] = {"before": float(before[h].mean()), "now": float(now[h].mean()), "gained": gained, "lost": lost,
+                  "p": mcnemar_p(gained, lost)}
+    return out
+
+
+def change_table(change: dict) -> str:
+    lines = ["| attribute | before | now | gained | lost | McNemar p |", "|---|---|---|---|---|---|"]
+    lines += [f"| {h} | {c['before']:.3f} | {c['now']:.3f} | {c['gained']} | {c['lost']} | {c['p']:.3g} |"
+              for h, c in change.items()]
+    return "\n".join(lines)
+
+
 def table(rows: list[tuple[str, str, str, str]]) -> str:
     head = ("metric", "value", "bar", "ok")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -72,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=100, help="images per sampler call")
     p.add_argument("--attn-t", type=int, default=500, help="timestep the real images are noised to")
     p.add_argument("--judge", default=None, help="judge weights (default: the shipped ones)")
+    p.add_argument("--compare", default=None, metavar="EVAL_JSON",
+                   help="eval.json of another model on the same captions: adds a paired comparison")
     p.add_argument("--no-fail", action="store_true")
     args = p.parse_args(argv)
     from csg_jax.errors import run_guarded
@@ -87,6 +136,7 @@ def run(args) -> int:
     from csg_jax.shapes.localisation import word_localisation
     from csg_jax.shapes.sample import sample, save_grid
 
+    baseline = _read_baseline(args) if args.compare else None
     os.makedirs(args.out, exist_ok=True)
     judge = load_judge(args.judge) if args.judge else load_judge()
     pipe = load_pipeline(args.model)
@@ -118,6 +168,10 @@ def run(args) -> int:
     passed = all(acc[k] >= BARS[k] for k in ("shape", "color", "background")) and ok_loc
     md = table(rows) + "\n\nShapes of the samples (rows: the caption's shape; columns: the judge's):\n\n" + \
         confusion_table(confusion)
+    per_caption = [{"caption": c, **j} for c, j in zip(captions, judge.names(judged))]
+    change = paired_change(per_caption, baseline["per_caption"]) if baseline else None
+    if change:
+        md += f"\n\nChange from {baseline['model']} (same captions):\n\n" + change_table(change)
     print(f"model {args.model}: n={args.n}, {args.steps} DDIM steps, guidance {args.guidance}")
     print(md, flush=True)
 
@@ -127,14 +181,34 @@ def run(args) -> int:
         "localisation": {"ratio": loc["ratio"], "t": loc["t"], "per_layer": loc["per_layer"],
                          "measured_on": "held-out real images noised to t, conditional branch"},
         "bars": BARS, "passed": passed, "seconds": {"sampling": round(sample_s, 1), "localisation": round(loc_s, 1)},
-        "per_caption": [{"caption": c, **j} for c, j in zip(captions, judge.names(judged))],
+        "per_caption": per_caption,
     }
+    if change:
+        report["change"] = {"baseline": baseline["model"], **change}
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(args.out, "eval.md"), "w") as f:
         f.write(md + "\n")
     save_grid(os.path.join(args.out, "samples.png"), samples[:64])
     return 0 if passed or args.no_fail else 1
+
+
+def _read_baseline(args) -> dict:
+    """The --compare eval, checked before any sampling: same captions' settings or a clear error."""
+    from csg_jax.errors import ConfigError
+
+    try:
+        with open(args.compare) as f:
+            baseline = json.load(f)
+        settings = {k: baseline[k] for k in ("n", "seed", "steps", "guidance")}
+        baseline["per_caption"][0]["caption"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ConfigError(f"--compare {args.compare}: not a readable eval.json of this script ({e})")
+    wanted = {"n": args.n, "seed": args.seed, "steps": args.steps, "guidance": args.guidance}
+    if settings != wanted:
+        raise ConfigError(f"--compare {args.compare} was evaluated with {settings}, this run uses {wanted}; "
+                        "pass the same --n, --seed, --steps and --guidance")
+    return baseline
 
 
 if __name__ == "__main__":

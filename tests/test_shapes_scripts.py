@@ -36,3 +36,42 @@ def test_shape_confusion_counts_requested_against_judged():
                          "triangle": {"circle": 1, "square": 0, "triangle": 2}}
     md = module.confusion_table(confusion)
     assert md.splitlines()[-1] == "| triangle | 1 | 0 | 2 |" and len(md.splitlines()) == 5
+
+
+def test_mcnemar_p_closed_forms():
+    p = _script("eval_shapes").mcnemar_p
+    assert p(0, 0) == 1.0 and p(2, 2) == 1.0
+    assert p(5, 0) == pytest.approx(2 / 2**5) and p(0, 5) == pytest.approx(2 / 2**5)
+    assert p(9, 1) == pytest.approx(2 * (1 + 10) / 2**10)
+    assert p(29, 11) == pytest.approx(0.0064, abs=1e-4)  # the shipped model's 29 gained / 11 lost
+
+
+def test_paired_change_counts_captions_that_turned_right_or_wrong():
+    module = _script("eval_shapes")
+    caps = ["a red circle on a blue background", "a green star on a white background",
+            "a blue cross on a red background"]
+    row = lambda c, shape, color, bg: {"caption": c, "shape": shape, "color": color, "background": bg}
+    before = [row(caps[0], "circle", "red", "blue"), row(caps[1], "circle", "green", "white"),
+              row(caps[2], "square", "blue", "red")]
+    now = [row(caps[0], "square", "red", "blue"), row(caps[1], "star", "green", "white"),
+           row(caps[2], "cross", "blue", "black")]
+    change = module.paired_change(now, before)
+    assert change["shape"] == {"before": 1 / 3, "now": 2 / 3, "gained": 2, "lost": 1, "p": 1.0}
+    assert (change["background"]["gained"], change["background"]["lost"]) == (0, 1)
+    assert (change["all"]["gained"], change["all"]["lost"], change["color"]["lost"]) == (1, 1, 0)
+    assert module.change_table(change).splitlines()[2].startswith("| shape | 0.333 | 0.667 | 2 | 1 |")
+    with pytest.raises(ValueError, match="different captions"):
+        module.paired_change(now[:2], before)
+
+
+def test_compare_with_an_eval_of_other_settings_is_a_clear_error(tmp_path, capsys):
+    import json
+
+    old = tmp_path / "eval.json"
+    old.write_text(json.dumps({"n": 200, "seed": 0, "steps": 50, "guidance": 5.0, "model": "m",
+                               "per_caption": [{"caption": "a red circle on a blue background"}]}))
+    code = _script("eval_shapes").main(["--compare", str(old), "--n", "8", "--out", str(tmp_path / "o")])
+    assert code == 2 and "pass the same --n" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # checked before any work
+    (tmp_path / "bad.json").write_text("{")
+    assert _script("eval_shapes").main(["--compare", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")]) == 2

@@ -48,6 +48,10 @@ def test_captions_name_the_scene(heldout):
     for cap, sc in zip(heldout["captions"], heldout["scenes"]):
         assert cap.split() == ["a", sc.color, sc.shape, "on", "a", sc.background, "background"]
         assert sc.color != sc.background
+        assert world.parse_caption(cap) == {"shape": sc.shape, "color": sc.color, "background": sc.background}
+    for bad in ("a red circle on a blue", "a red blob on a blue background", "a photo of a cat sitting on grass"):
+        with pytest.raises(ValueError, match="not a shapes-world caption"):
+            world.parse_caption(bad)
 
 
 def test_mask_area_matches_the_shape(heldout):

@@ -68,6 +68,16 @@ def caption(scene: Scene) -> str:
     return f"a {scene.color} {scene.shape} on a {scene.background} background"
 
 
+def parse_caption(text: str) -> dict:
+    """Inverse of :func:`caption`: ``{"shape", "color", "background"}`` of "a red circle on a blue
+    background"; ValueError for any other text."""
+    words = text.split()
+    if (len(words) != 7 or words[0] != "a" or words[3:5] != ["on", "a"] or words[6] != "background"
+            or words[1] not in COLORS or words[2] not in SHAPES or words[5] not in COLORS):
+        raise ValueError(f"not a shapes-world caption: {text!r}")
+    return {"shape": words[2], "color": words[1], "background": words[5]}
+
+
 def _inside(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Membership of points (object frame, radius 1) in the unit shape."""
     if shape == "circle":
