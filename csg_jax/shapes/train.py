@@ -577,8 +577,8 @@ def sample_timesteps(key, batch_size: int, num_train_timesteps: int, cfg: TrainC
     decided below t ~ 400 and its corners below t ~ 150. Uniform sampling spends 60% of the steps
     where only colours and the blob's place are learned, which the model already knows early.
     For the cosine recipe the window to focus on is higher: there the shape word matters most
-    around t = 700 (a wrong shape word raised the shipped model's x̂₀ error by 6% at t = 700 and by
-    1-2% at t = 300-500), because below ~500 the outline can be read off x_t itself and above
+    around t = 700 (a wrong shape word raised the 6,406-step model's outline-band x̂₀ error by 7% at t = 700, by
+    1-3% at t = 300-500), because below ~500 the outline can be read off x_t itself and above
     ~900 even the object's place is unknown; ``t_focus 0.5`` on [500, 900) gives that window
     0.7 of the steps instead of 0.4.
     With ``t_focus = 0`` the draw is exactly the uniform one (same key use as before the option).
