@@ -9,11 +9,14 @@ import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
-# One persistent compilation cache for the session (this process and the CLIs it starts): many
-# tests build their own pipeline or run a CLI, and equal programs then compile once. Set before
-# JAX is imported, which reads these at import; removed when the session ends.
-_XLA_CACHE = tempfile.mkdtemp(prefix="csg_jax_test_xla_cache_")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+# One persistent compilation cache for the session (this process, the pytest-xdist workers and
+# the CLIs they start all inherit it): many tests build their own pipeline or run a CLI, and equal
+# programs then compile once. Set before JAX is imported, which reads these at import; removed when
+# the session ends, by the process that made it (the xdist controller, not a worker).
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="csg_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest
@@ -46,4 +49,5 @@ def tiny_sd2(tiny_sd2_dir):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+    if _XLA_CACHE is not None:
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
