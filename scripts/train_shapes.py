@@ -73,7 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=None, help="steps between log lines (default 50; smoke 3)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--smoke", action="store_true", help="tiny run for testing the plumbing (same model): batch 4, 12 steps, pool 512")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.t_focus <= 1.0:
+        p.error(f"--t-focus is a share of the timesteps, in [0, 1]; got {args.t_focus}")
+    if args.t_focus > 0 and not 0 <= args.t_focus_min < args.t_focus_max <= 1000:
+        p.error(f"--t-focus-min {args.t_focus_min} / --t-focus-max {args.t_focus_max}: need 0 <= min < max <= 1000 "
+                "(the window [min, max) of the 1,000 training timesteps)")
+    return args
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,20 @@ def test_user_errors_exit_2_with_one_line(name, argv, says, tmp_path, capsys):
     assert err.startswith("error: ") and says in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--t-focus", "1.5"], "in [0, 1]"),
+    (["--t-focus", "0.5", "--t-focus-min", "900", "--t-focus-max", "500"], "min < max"),
+    (["--t-focus", "0.5", "--t-focus-max", "1200"], "<= 1000"),
+])
+def test_train_refuses_an_empty_or_impossible_timestep_window(argv, says, tmp_path, capsys):
+    train = _script("train_shapes")
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--out", str(tmp_path / "run"), *argv])
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
+    # without a focus share the window is unused, so it is not checked
+    assert train.parse_args(["--out", "run", "--t-focus-min", "900", "--t-focus-max", "500"]).t_focus == 0.0
+
+
 def test_shape_confusion_counts_requested_against_judged():
     module = _script("eval_shapes")
     names = ("circle", "square", "triangle")

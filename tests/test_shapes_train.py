@@ -239,6 +239,24 @@ def test_resume_refuses_a_checkpoint_of_another_recipe():
         T.check_recipe(dataclasses.asdict(cosine), legacy)
 
 
+def test_the_loop_waits_for_all_but_the_newest_steps():
+    """The budget / signal checks run at most ``depth`` steps ahead of the device."""
+    waited = []
+
+    class Step:
+        def __init__(self, i):
+            self.i = i
+
+        def block_until_ready(self):
+            waited.append(self.i)
+            return self
+
+    in_flight = T._InFlight(depth=2)
+    for i in range(5):
+        in_flight.push(Step(i))
+        assert waited == list(range(max(0, i - 1))) and len(in_flight.queue) == min(i + 1, 2)
+
+
 def test_a_signal_asks_for_a_clean_stop_and_a_second_one_interrupts():
     import os
     import signal

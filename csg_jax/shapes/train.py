@@ -26,6 +26,7 @@ Entry point: :func:`train` (``scripts/train_shapes.py`` is its CLI).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -932,6 +933,7 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
     target = max(cfg.steps, start_step)
     bar = _progress(target, start_step, opts.progress)
     pending: list = []  # device metrics not yet fetched (fetching syncs, so only every log_every)
+    in_flight = _InFlight(depth=2)  # ... but the stop checks must see the device's progress
     last_export = time.perf_counter()
     exported_step = None
     t_first = None  # wall time when the first step of this process finished (excludes its wait)
@@ -962,6 +964,7 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
                 continue
             step += 1
             pending.append(metrics)
+            in_flight.push(metrics["loss"])
             if first_call:
                 t_first, first_call = time.perf_counter(), False
             if bar is not None:
@@ -1038,6 +1041,24 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
     log.write(event="end", **summary)
     log.close()
     return summary
+
+
+class _InFlight:
+    """Bounds how far the Python loop runs ahead of the device: JAX dispatches steps
+    asynchronously, so without a bound the budget and signal checks see the time of dispatch, and a
+    stop comes up to ``log_every`` steps late (69 s past the budget on the CPU). ``push`` the step's
+    output; once more than ``depth`` are queued it waits for the oldest."""
+
+    def __init__(self, depth: int = 2):
+        self.depth = depth
+        self.queue: collections.deque = collections.deque()
+
+    def push(self, value) -> None:
+        self.queue.append(value)
+        while len(self.queue) > self.depth:
+            import jax
+
+            jax.block_until_ready(self.queue.popleft())
 
 
 class _StopRequest:
