@@ -26,7 +26,6 @@ Entry point: :func:`train` (``scripts/train_shapes.py`` is its CLI).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import math
@@ -578,9 +577,9 @@ def sample_timesteps(key, batch_size: int, num_train_timesteps: int, cfg: TrainC
     decided below t ~ 400 and its corners below t ~ 150. Uniform sampling spends 60% of the steps
     where only colours and the blob's place are learned, which the model already knows early.
     For the cosine recipe the window to focus on is higher: there the shape word matters most
-    around t = 700 (a wrong shape word raised the 6,406-step model's outline-band x̂₀ error by 7% at t = 700, by
-    1-3% at t = 300-500), because below ~500 the outline can be read off x_t itself and above
-    ~900 even the object's place is unknown; ``t_focus 0.5`` on [500, 900) gives that window
+    around t = 700 (a wrong shape word raised the 6,406-step model's outline-band x̂₀ error by 7%
+    at t = 700, by 1-3% at t = 300-500), because below ~500 the outline can be read off x_t
+    itself and above ~900 even the object's place is unknown; ``t_focus 0.5`` on [500, 900) gives that window
     0.7 of the steps instead of 0.4.
     With ``t_focus = 0`` the draw is exactly the uniform one (same key use as before the option).
     """
@@ -933,7 +932,6 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
     target = max(cfg.steps, start_step)
     bar = _progress(target, start_step, opts.progress)
     pending: list = []  # device metrics not yet fetched (fetching syncs, so only every log_every)
-    in_flight = _InFlight(depth=2)  # ... but the stop checks must see the device's progress
     last_export = time.perf_counter()
     exported_step = None
     t_first = None  # wall time when the first step of this process finished (excludes its wait)
@@ -964,7 +962,7 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
                 continue
             step += 1
             pending.append(metrics)
-            in_flight.push(metrics["loss"])
+            _wait_for_older_steps(pending)  # ... but the stop checks must see the device's progress
             if first_call:
                 t_first, first_call = time.perf_counter(), False
             if bar is not None:
@@ -1043,22 +1041,16 @@ def train(cfg: TrainConfig, opts: RunOptions, t_start: Optional[float] = None) -
     return summary
 
 
-class _InFlight:
+def _wait_for_older_steps(pending: list, depth: int = 2) -> None:
     """Bounds how far the Python loop runs ahead of the device: JAX dispatches steps
     asynchronously, so without a bound the budget and signal checks see the time of dispatch, and a
-    stop comes up to ``log_every`` steps late (69 s past the budget on the CPU). ``push`` the step's
-    output; once more than ``depth`` are queued it waits for the oldest."""
+    stop comes up to ``log_every`` steps late (69 s past the budget on the CPU). ``pending`` holds
+    the metrics of the steps dispatched since the last fetch (which synced the older ones); wait
+    until all but the newest ``depth`` have run."""
+    if len(pending) > depth:
+        import jax
 
-    def __init__(self, depth: int = 2):
-        self.depth = depth
-        self.queue: collections.deque = collections.deque()
-
-    def push(self, value) -> None:
-        self.queue.append(value)
-        while len(self.queue) > self.depth:
-            import jax
-
-            jax.block_until_ready(self.queue.popleft())
+        jax.block_until_ready(pending[-depth - 1]["loss"])
 
 
 class _StopRequest:
