@@ -156,6 +156,9 @@ def run(args) -> int:
     t0 = time.perf_counter()
     positions = np.array([word_spans(pipe.tokenizer, c, sc.shape)[0][0] for c, sc in zip(captions, batch["scenes"])])
     loc = word_localisation(pipe, batch["images"], batch["masks"], captions, positions, t=args.attn_t, seed=args.seed)
+    color_positions = np.array([word_spans(pipe.tokenizer, c, sc.color)[0][0] for c, sc in zip(captions, batch["scenes"])])
+    color_loc = word_localisation(pipe, batch["images"], batch["masks"], captions, color_positions, t=args.attn_t,
+                                  seed=args.seed)
     loc_s = time.perf_counter() - t0
 
     rows = [(f"{k} accuracy (samples)", f"{acc[k]:.3f}", f">= {BARS[k]}", "yes" if acc[k] >= BARS[k] else "NO")
@@ -164,6 +167,7 @@ def run(args) -> int:
     ok_loc = loc["ratio"] >= BARS["localisation"]
     rows.append((f"shape-word attention ratio (real, t={args.attn_t})", f"{loc['ratio']:.2f}",
                  f">= {BARS['localisation']}", "yes" if ok_loc else "NO"))
+    rows.append((f"object-colour-word attention ratio (real, t={args.attn_t})", f"{color_loc['ratio']:.2f}", "", ""))
     rows.append(("judge accuracy on the real images (all three)", f"{real['all']:.3f}", "", ""))
     passed = all(acc[k] >= BARS[k] for k in ("shape", "color", "background")) and ok_loc
     md = table(rows) + "\n\nShapes of the samples (rows: the caption's shape; columns: the judge's):\n\n" + \
@@ -179,7 +183,8 @@ def run(args) -> int:
         "model": os.path.abspath(args.model), "n": args.n, "steps": args.steps, "guidance": args.guidance,
         "seed": args.seed, "accuracy": acc, "shape_confusion": confusion, "judge_on_real": real,
         "localisation": {"ratio": loc["ratio"], "t": loc["t"], "per_layer": loc["per_layer"],
-                         "measured_on": "held-out real images noised to t, conditional branch"},
+                         "measured_on": "held-out real images noised to t, conditional branch",
+                         "color_word_ratio": color_loc["ratio"]},
         "bars": BARS, "passed": passed, "seconds": {"sampling": round(sample_s, 1), "localisation": round(loc_s, 1)},
         "per_caption": per_caption,
     }

@@ -58,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "object's outline: 1 + this there, 1 elsewhere (default 0: plain MSE; 4 makes the shape "
                    "word matter more, see csg_jax.shapes.train.edge_bands)")
     p.add_argument("--edge-width", type=int, default=2, help="half-thickness in pixels of that band (default 2)")
+    p.add_argument("--loc-weight", type=float, default=0.0, help="weight of the word-localisation term that pulls "
+                   "the cross-attention of the object's colour and shape words into its mask (default 0: off; "
+                   "see csg_jax.shapes.train.localisation_loss)")
+    p.add_argument("--loc-t-max", type=int, default=900, help="only images noised to t below this count for that "
+                   "term (default 900)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
                    help="noise schedule and image scale: pixel_cosine (default: cosine betas on [-1, 1] "
                         "images) or sd_latent (SD's betas, images x 0.18215; how runs before Nov 2026 trained)")
@@ -79,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.t_focus > 0 and not 0 <= args.t_focus_min < args.t_focus_max <= 1000:
         p.error(f"--t-focus-min {args.t_focus_min} / --t-focus-max {args.t_focus_max}: need 0 <= min < max <= 1000 "
                 "(the window [min, max) of the 1,000 training timesteps)")
+    if args.loc_weight < 0:
+        p.error(f"--loc-weight must be >= 0; got {args.loc_weight}")
+    if args.loc_weight > 0 and not 0 < args.loc_t_max <= 1000:
+        p.error(f"--loc-t-max {args.loc_t_max}: need 0 < max <= 1000 (of the 1,000 training timesteps)")
     return args
 
 
@@ -101,6 +110,8 @@ def main(argv=None) -> int:
         t_focus_min=args.t_focus_min,
         edge_weight=args.edge_weight,
         edge_width=args.edge_width,
+        loc_weight=args.loc_weight,
+        loc_t_max=args.loc_t_max,
         dtype=args.dtype,
         remat=args.remat,
         beta_schedule=RECIPES[args.recipe][0],

@@ -31,6 +31,8 @@ def test_user_errors_exit_2_with_one_line(name, argv, says, tmp_path, capsys):
     (["--t-focus", "1.5"], "in [0, 1]"),
     (["--t-focus", "0.5", "--t-focus-min", "900", "--t-focus-max", "500"], "min < max"),
     (["--t-focus", "0.5", "--t-focus-max", "1200"], "<= 1000"),
+    (["--loc-weight", "-1"], ">= 0"),
+    (["--loc-weight", "0.1", "--loc-t-max", "0"], "0 < max <= 1000"),
 ])
 def test_train_refuses_an_empty_or_impossible_timestep_window(argv, says, tmp_path, capsys):
     train = _script("train_shapes")

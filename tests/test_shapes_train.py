@@ -40,6 +40,47 @@ def test_caption_table_covers_the_world_and_words_are_single_tokens(tokenizer):
         T.caption_rows(["a pink circle"], table)
 
 
+def test_word_columns_point_at_the_colour_and_shape_words(tokenizer):
+    table = T.all_captions()
+    cols = T.word_columns(tokenizer, table)
+    ids = T.tokenize(tokenizer, table)
+    assert cols.shape == (len(table), len(T.LOC_WORDS)) and not cols[T.EMPTY_ROW].any()
+    for row in (1, 57, len(table) - 1):
+        words = table[row].split()  # "a red circle on a blue background": one token per word after BOS
+        parsed = world.parse_caption(table[row])
+        for j, attribute in enumerate(T.LOC_WORDS):
+            assert cols[row, j] == 1 + words.index(parsed[attribute])
+            single = tokenizer(parsed[attribute], add_special_tokens=False)["input_ids"]
+            assert [ids[row, cols[row, j]]] == single
+
+
+def test_localisation_loss_closed_forms():
+    """(1 - share)^2 per word, share = attention mass inside the pooled mask; mean over layers,
+    words and kept images."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 8, 8), np.float32)
+    masks[:, 2:6, 3:5] = 1.0  # 8 of 64 pixels; pooled to 4x4: 4 cells half covered
+    res = {"a": (4, 4), "b": (2, 2)}
+    # Layer "a": word 0 all on the covered cells (share 0.5), word 1 uniform (share 8/64).
+    on = np.zeros((3, 16, 2), np.float32)
+    cover = masks.reshape(3, 4, 2, 4, 2).mean(axis=(2, 4)).reshape(3, 16)
+    on[:, :, 0] = (cover > 0) / (cover > 0).sum(axis=1, keepdims=True)
+    on[:, :, 1] = 1 / 16
+    # Layer "b": random attention, share computed from its definition.
+    rand = rng.random((3, 4, 2)).astype(np.float32)
+    cover_b = masks.reshape(3, 2, 4, 2, 4).mean(axis=(2, 4)).reshape(3, 4)
+    share_b = (rand * cover_b[..., None]).sum(axis=1) / rand.sum(axis=1)
+    per_image = ((1 - 0.5) ** 2 + (1 - 8 / 64) ** 2) / 2 / 2 + np.mean((1 - share_b) ** 2, axis=-1) / 2
+    keep = np.array([1.0, 0.0, 1.0], np.float32)
+    got = T.localisation_loss({"a": jnp.asarray(on), "b": jnp.asarray(rand)}, res, jnp.asarray(masks), jnp.asarray(keep))
+    assert float(got) == pytest.approx((per_image[0] + per_image[2]) / 2, rel=1e-5)
+    # All attention inside a fully covered region: zero loss.
+    full = np.ones((1, 8, 8), np.float32)
+    assert float(T.localisation_loss({"a": jnp.asarray(on[:1])}, res, jnp.asarray(full), jnp.ones(1))) == pytest.approx(0.0, abs=1e-7)
+    # Nothing kept: 0, not NaN.
+    assert float(T.localisation_loss({"a": jnp.asarray(on)}, res, jnp.asarray(masks), jnp.zeros(3))) == 0.0
+
+
 def test_init_params_shapes_distributions_and_determinism():
     unet, text = T.build_models(T.model_configs())
     params = T.init_params(unet, text, seed=0)
@@ -150,8 +191,36 @@ def test_weighted_loss_is_the_weighted_mean_of_squared_errors():
     out = np.asarray(jax.jit(unet.apply)({"params": state.params["unet"]}, x, t, context)[0], np.float64)
     err = (out - np.asarray(target, np.float64)) ** 2
     expected = (err * weights[..., None]).sum() / (3 * weights.sum())
-    assert float(loss_fn(state.params, x, t, ids, target, jnp.asarray(weights))) == pytest.approx(expected, rel=1e-5)
-    assert float(loss_fn(state.params, x, t, ids, target)) == pytest.approx(err.mean(), rel=1e-5)
+    assert float(loss_fn(state.params, x, t, ids, target, jnp.asarray(weights))[0]) == pytest.approx(expected, rel=1e-5)
+    loss, parts = loss_fn(state.params, x, t, ids, target)
+    assert float(loss) == float(parts["mse"]) == pytest.approx(err.mean(), rel=1e-5) and float(parts["loc"]) == 0.0
+
+
+def test_localisation_term_records_attention_and_its_gradient_grounds_the_words():
+    """With ``loc`` the loss adds loc_weight x the localisation term of the recorded attention,
+    leaves the prediction (mse) unchanged, and a gradient step on it moves the words'
+    attention into the masks."""
+    configs = _tiny_configs()
+    unet, text = T.build_models(configs)
+    cfg = T.TrainConfig(batch_size=4, loc_weight=0.5)
+    state = T.init_state(cfg, unet, text, T.make_optimizer(cfg))
+    batch = world.make_batch(5, 4)
+    x = jnp.asarray(batch["images"][:, ::2, ::2], jnp.float32) / 127.5 - 1  # 16x16
+    masks = jnp.asarray(batch["masks"][:, ::2, ::2], jnp.float32)
+    ids = jnp.asarray(np.arange(4 * 77).reshape(4, 77) % 300 + 1, jnp.int32)
+    t = jnp.array([10, 200, 400, 600])
+    loc = (jnp.array([[2, 3]] * 4, jnp.int32), masks, jnp.ones(4))
+    loss_fn = jax.jit(T.make_loss_fn(cfg, unet, text))
+    plain, plain_parts = loss_fn(state.params, x, t, ids, x)
+    loss, parts = loss_fn(state.params, x, t, ids, x, None, loc)
+    assert float(parts["mse"]) == pytest.approx(float(plain_parts["mse"]), rel=1e-6)
+    assert 0.0 < float(parts["loc"]) < 1.0
+    assert float(loss) == pytest.approx(float(parts["mse"]) + 0.5 * float(parts["loc"]), rel=1e-6)
+    term = jax.jit(lambda p: loss_fn(p, x, t, ids, x, None, loc)[1]["loc"])
+    grads = jax.grad(term)(state.params)
+    norm = np.sqrt(sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)))
+    stepped = jax.tree.map(lambda p, g: p - 0.05 * g / norm, state.params, grads)
+    assert float(term(stepped)) < float(parts["loc"])
 
 
 def _tiny_configs():
@@ -168,6 +237,8 @@ def test_remat_keeps_fewer_residuals():
     cfg = T.TrainConfig(batch_size=2)
     sizes = [T.residual_bytes(cfg, unet, text, params, mode) for mode in T.REMAT_MODES]
     assert sizes[0] > sizes[1] > sizes[2] > 0
+    # The localisation term traces too (its recorded attention adds residuals).
+    assert T.residual_bytes(dataclasses.replace(cfg, loc_weight=0.1), unet, text, params, "off") >= sizes[0]
 
 
 @pytest.mark.slow
@@ -178,26 +249,30 @@ def test_train_step_remat_equivalence_learning_and_export(tmp_path):
 
     configs = _tiny_configs()
     unet, text = T.build_models(configs)
-    cfg = T.TrainConfig(batch_size=4, steps=30, warmup_steps=1, lr=1e-3, edge_weight=4.0)
+    cfg = T.TrainConfig(batch_size=4, steps=30, warmup_steps=1, lr=1e-3, edge_weight=4.0, loc_weight=0.1)
     tx = T.make_optimizer(cfg)
     state = T.init_state(cfg, unet, text, tx)
     batch = world.make_batch(0, 4)
-    pool = jnp.asarray(batch["images"][:, ::2, ::2])  # 16x16: fast
-    rows = jnp.asarray(T.caption_rows(batch["captions"], T.all_captions()))
-    bands = jnp.asarray(T.edge_bands(batch["masks"][:, ::2, ::2], 1))
-    table = jnp.asarray(np.arange(len(T.all_captions()) * 77).reshape(-1, 77) % 500, jnp.int32)
+    table = T.all_captions()
+    pool = {"images": jnp.asarray(batch["images"][:, ::2, ::2]),  # 16x16: fast
+            "rows": jnp.asarray(T.caption_rows(batch["captions"], table)),
+            "bands": jnp.asarray(T.edge_bands(batch["masks"][:, ::2, ::2], 1)),
+            "masks": jnp.asarray(batch["masks"][:, ::2, ::2], jnp.uint8)}
+    tables = {"tokens": jnp.asarray(np.arange(len(table) * 77).reshape(-1, 77) % 500, jnp.int32),
+              "words": jnp.asarray(np.tile([[2, 3]], (len(table), 1)), jnp.int32)}
 
     plain = T.make_train_step(cfg, configs, unet, text, tx, "off")
     step = T.make_train_step(cfg, configs, unet, text, tx, "attention")
-    ref, m_ref = plain(jax.tree.map(jnp.copy, state), pool, rows, bands, table)  # donates the copy
-    state, m = step(state, pool, rows, bands, table)
+    ref, m_ref = plain(jax.tree.map(jnp.copy, state), pool, tables)  # donates the copy
+    state, m = step(state, pool, tables)
     # (Params after one Adam step are no test: g / (|g| + eps) of near-zero gradients is noise.)
     assert float(m["loss"]) == pytest.approx(float(m_ref["loss"]), rel=1e-6)
     assert float(m["grad_norm"]) == pytest.approx(float(m_ref["grad_norm"]), rel=1e-4)
+    assert 0.0 < float(m["loc"]) < 1.0 and float(m["loss"]) > float(m["mse"])
 
     losses = [float(m["loss"])]
     for _ in range(29):
-        state, m = step(state, pool, rows, bands, table)
+        state, m = step(state, pool, tables)
         losses.append(float(m["loss"]))
     assert int(state.step) == 30 and np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
