@@ -129,11 +129,11 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from csg_jax.editing.editor import word_spans
     from csg_jax.pipeline import load_pipeline
     from csg_jax.shapes import world
     from csg_jax.shapes.judge import load_judge
     from csg_jax.shapes.localisation import word_localisation
+    from csg_jax.shapes.train import word_columns
     from csg_jax.shapes.sample import sample, save_grid
 
     baseline = _read_baseline(args) if args.compare else None
@@ -154,11 +154,9 @@ def run(args) -> int:
     real = judged_accuracy(judge(batch["images"]), batch)
 
     t0 = time.perf_counter()
-    positions = np.array([word_spans(pipe.tokenizer, c, sc.shape)[0][0] for c, sc in zip(captions, batch["scenes"])])
-    loc = word_localisation(pipe, batch["images"], batch["masks"], captions, positions, t=args.attn_t, seed=args.seed)
-    color_positions = np.array([word_spans(pipe.tokenizer, c, sc.color)[0][0] for c, sc in zip(captions, batch["scenes"])])
-    color_loc = word_localisation(pipe, batch["images"], batch["masks"], captions, color_positions, t=args.attn_t,
-                                  seed=args.seed)
+    columns = word_columns(pipe.tokenizer, captions, ("shape", "color"))
+    loc, color_loc = (word_localisation(pipe, batch["images"], batch["masks"], captions, columns[:, j], t=args.attn_t,
+                                        seed=args.seed) for j in range(2))
     loc_s = time.perf_counter() - t0
 
     rows = [(f"{k} accuracy (samples)", f"{acc[k]:.3f}", f">= {BARS[k]}", "yes" if acc[k] >= BARS[k] else "NO")

@@ -584,11 +584,12 @@ def localisation_loss(records: dict, resolutions: dict, masks, keep):
     """
     import jax.numpy as jnp
 
-    b, H, W = masks.shape
+    from csg_jax.shapes.localisation import pooled_mask
+
+    b = masks.shape[0]
     per_layer = []
     for name, attn in records.items():
-        h, w = resolutions[name]
-        inside = masks.reshape(b, h, H // h, w, W // w).mean(axis=(2, 4)).reshape(b, h * w, 1)
+        inside = pooled_mask(masks, resolutions[name]).reshape(b, -1, 1)  # (B, h*w, 1)
         attn = attn.astype(jnp.float32)
         share = jnp.sum(attn * inside, axis=1) / jnp.maximum(jnp.sum(attn, axis=1), 1e-12)  # (B, K)
         per_layer.append(jnp.mean(jnp.square(1.0 - share), axis=-1))
