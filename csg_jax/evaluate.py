@@ -50,6 +50,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from csg_jax import runtime
 from csg_jax.errors import CSGError, run_guarded
 
 METRICS = ("cs", "sd", "rd", "bg_lpips")
@@ -680,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rd-size", type=int, help="resize images to this square size for RD (default: native size)")
     s.add_argument("--batch-size", type=int, default=8, help="images per jitted call")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    runtime.add_cli_arguments(s)
     return p
 
 
@@ -720,6 +722,7 @@ def run(args, log=None) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    runtime.configure_from_args(args)
     result = run_guarded(lambda: run(args), "no report written")
     if isinstance(result, int):
         return result

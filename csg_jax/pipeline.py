@@ -97,7 +97,7 @@ class Pipeline:
         return self.vae.apply({"params": params["vae"]}, latents / self.scaling_factor, method=AutoencoderKL.decode)
 
 
-def _templates(unet, text, vae, latent_hw=(8, 8)):
+def param_shapes(unet, text, vae, latent_hw=(8, 8)):
     """Abstract param trees (shapes only) of each module, for conversion checks."""
     key = jax.random.PRNGKey(0)
     cross = unet.config.cross_attention_dim
@@ -184,7 +184,7 @@ def load_pipeline(path_or_id: str, dtype: Any = jnp.float32, param_dtype: Any = 
         if restored is not None and restored[1].get("fingerprint") == fingerprint:
             params = jax.tree.map(lambda a: jnp.asarray(a, param_dtype), restored[0])
     if params is None:
-        templates = _templates(unet, text, vae)
+        templates = param_shapes(unet, text, vae)
         params = {}
         for comp in templates:
             sd = weights.read_state_dict(os.path.join(folder, comp), comp)

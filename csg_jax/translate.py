@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from csg_jax import runtime
 from csg_jax.errors import run_guarded
 
 SHAPES_MODEL = "shapes"  # the trained shapes-world model shipped in csg_jax/shapes/assets
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "made on first use: exercises every code path, pictures are noise)")
     m.add_argument("--cache", help="Orbax folder caching converted params (pods: convert once)")
     m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="activation dtype")
+    runtime.add_cli_arguments(m)
 
     e = p.add_argument_group("method")
     e.add_argument("--config", help="YAML with edit settings (configs/*.yaml); flags override it")
@@ -294,6 +296,7 @@ def run(args) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    runtime.configure_from_args(args)
     if args.manifest or args.input_dir:  # dataset mode: exit 0 all ok, 3 some items failed, 2 fatal
         from csg_jax.dataset import run_cli
 

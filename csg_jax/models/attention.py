@@ -25,13 +25,21 @@ Shapes (per layer; ``B`` batch, ``N`` heads, ``Q`` = H*W query pixels, ``T`` key
   Recorded probabilities are the ones used, unless ``control.record_live`` asks for the
   layer's own softmax (before mix / inject).
 
-An empty control (the default) costs nothing: layers then use the fused
-``jax.nn.dot_product_attention`` (flash attention where the backend has it).
+An empty control (the default) costs nothing: layers then use :func:`fused_attention` (cuDNN's
+flash attention on NVIDIA GPUs in bf16/fp16, XLA elsewhere).
+
+Memory: at 512 px SD's 64x64 self-attention has 4096 x 4096 scores per head and image (0.5 GiB
+per image in float32, x3 images in CSG's batched target branch), the largest buffer of every
+program. Where the scores of a call would exceed :data:`LOGITS_BUDGET` elements, the XLA paths
+work through the queries in chunks (softmax rows are independent, so the result is the same
+computation row by row), keeping one chunk's scores live instead of all of them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import functools
+import os
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -39,6 +47,7 @@ import jax.numpy as jnp
 from flax import struct
 
 RECORD_KINDS = ("probs", "head_mean", "token_mean")
+LOGITS_BUDGET = 2**28  # attention-score elements computed at once (1 GiB in float32) before chunking
 
 
 @struct.dataclass
@@ -127,20 +136,29 @@ class Attention(nn.Module):
 
         record = None
         if control is None or not control.touches(self.layer_name):
-            out = jax.nn.dot_product_attention(q, k, v)  # (B, Q, N, hd)
+            out = fused_attention(q, k, v)  # (B, Q, N, hd)
         else:
-            probs = live = self.probabilities(q, k)
             name = self.layer_name
-            if name in control.mix:
-                ref = probs[control.mix_ref_rows]
-                columns, scale = (control.mix_ref_columns, control.mix_ref_scale) if is_cross else (None, None)
-                probs = blend_probs(probs, ref, control.mix[name], columns, scale)
-            if name in control.inject:
-                probs = jnp.broadcast_to(control.inject[name].astype(probs.dtype), probs.shape)
             kind = control.record_kind(name)
-            if kind is not None:
-                record = summarise_probs(live if control.record_live else probs, kind, control.token_columns)
-            out = jnp.einsum("bnqt,btnd->bqnd", probs.astype(v.dtype), v)
+
+            def rows(q_rows, mix_rows, inject_rows):
+                """The layer on a block of query rows: (B, c, N, hd) -> out (B, c, N, hd), record."""
+                probs = live = self.probabilities(q_rows, k)
+                if mix_rows is not None:
+                    ref = probs[control.mix_ref_rows]
+                    columns, scale = (control.mix_ref_columns, control.mix_ref_scale) if is_cross else (None, None)
+                    probs = blend_probs(probs, ref, mix_rows, columns, scale)
+                if inject_rows is not None:
+                    probs = jnp.broadcast_to(inject_rows.astype(probs.dtype), probs.shape)
+                rec = None
+                if kind is not None:
+                    rec = summarise_probs(live if control.record_live else probs, kind, control.token_columns)
+                return jnp.einsum("bnqt,btnd->bqnd", probs.astype(v.dtype), v), rec
+
+            row_args = ((q, 1), (control.mix.get(name), 1), (control.inject.get(name), 2))
+            out_axes = (1, 2 if kind == "probs" else 1)
+            chunk = query_chunk(b, self.heads, q_len, k.shape[1])
+            out, record = map_query_chunks(rows, chunk, q_len, row_args, out_axes)
         out = out.reshape(b, q_len, inner)
         return dense(self.query_dim, True, "to_out_0")(out), record
 
@@ -150,3 +168,88 @@ class Attention(nn.Module):
         scores = jnp.einsum("bqnd,btnd->bnqt", q.astype(compute), k.astype(compute))
         scores = scores * (self.head_dim**-0.5)
         return jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+
+
+# -- memory-bounded attention ---------------------------------------------------------------------
+
+def query_chunk(batch: int, heads: int, q_len: int, t_len: int, budget: int = LOGITS_BUDGET) -> int:
+    """Query rows per chunk so that one chunk's scores (batch, heads, chunk, t_len) stay within
+    ``budget`` elements: ``q_len`` itself when all of them do, else its largest divisor that fits."""
+    if batch * heads * q_len * t_len <= budget:
+        return q_len
+    want = max(1, budget // (batch * heads * t_len))
+    return max(d for d in range(1, min(want, q_len) + 1) if q_len % d == 0)
+
+
+def map_query_chunks(f: Callable, chunk: int, q_len: int, row_args, out_axes):
+    """``f(*rows)`` over blocks of ``chunk`` query rows, one block at a time (``lax.map``).
+
+    ``row_args``: ((array or None, axis of its q_len rows), ...); ``out_axes``: the q axis of each
+    output (None outputs stay None). With ``chunk == q_len`` this is ``f(*arrays)``."""
+    arrays = [a for a, _ in row_args]
+    if chunk == q_len:
+        return f(*arrays)
+    n = q_len // chunk
+
+    def split(a, axis):  # (..., q_len, ...) -> (n, ..., chunk, ...)
+        a = a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1 :])
+        return jnp.moveaxis(a, axis, 0)
+
+    blocks = [None if a is None else split(a, axis) for a, axis in row_args]
+    present = [i for i, a in enumerate(blocks) if a is not None]
+
+    def body(xs):
+        full = [None] * len(blocks)
+        for i, x in zip(present, xs):
+            full[i] = x
+        return f(*full)
+
+    outs = jax.lax.map(body, [blocks[i] for i in present])
+
+    def join(o, axis):  # (n, ..., chunk, ...) -> (..., q_len, ...)
+        o = jnp.moveaxis(o, 0, axis)
+        return o.reshape(o.shape[:axis] + (q_len,) + o.shape[axis + 2 :])
+
+    return tuple(None if o is None else join(o, axis) for o, axis in zip(outs, out_axes))
+
+
+def _cudnn_supported(q, k) -> bool:
+    """cuDNN flash attention: half-precision inputs, head dim a multiple of 8 up to 128."""
+    d = q.shape[-1]
+    return q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128 and k.shape[1] >= 1
+
+
+def fused_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v for (B, Q, N, d) queries and (B, T, N, d) keys / values.
+
+    On NVIDIA GPUs (chosen at lowering, so deviceless compiles for a GPU get it too) cuDNN's flash
+    attention where it applies: no (Q, T) scores in memory, and the XLA GPU compiler's Triton
+    tiling failure on the XLA attention's output projection does not arise. Elsewhere XLA's
+    attention, in query chunks beyond :data:`LOGITS_BUDGET`. ``CSG_JAX_ATTENTION=xla`` forces the
+    XLA path everywhere (to compare).
+    """
+    b, q_len, heads, _ = q.shape
+
+    def xla(q, k, v):
+        chunk = query_chunk(b, heads, q_len, k.shape[1])
+        return map_query_chunks(lambda qr: (jax.nn.dot_product_attention(qr, k, v),), chunk, q_len, ((q, 1),), (1,))[0]
+
+    if os.environ.get("CSG_JAX_ATTENTION", "auto") == "xla" or not _cudnn_supported(q, k) or not _cudnn_installed():
+        return xla(q, k, v)
+    return jax.lax.platform_dependent(q, k, v, cuda=_cudnn_attention, default=xla)
+
+
+def _cudnn_attention(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+@functools.cache
+def _cudnn_installed() -> bool:
+    """Whether the cuDNN path can be traced at all (it needs JAX's CUDA plugin, even to build the
+    GPU branch of a program that runs elsewhere)."""
+    x = jax.ShapeDtypeStruct((1, 8, 1, 8), jnp.bfloat16)
+    try:
+        jax.eval_shape(_cudnn_attention, x, x, x)
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,154 @@
+"""Compile every csg_jax program for accelerators that are not here and report its memory per chip.
+
+    pip install -e ".[aot-tpu,aot-cuda]"
+    python scripts/aot_report.py --target h100 --target v5e --size 512 --steps 50 --dtype bfloat16 \\
+        --max-batch --json aot.json
+
+For each target and program (encode, invert, invert-official, null-text, edit:<method> for every
+method, decode, dataset:csg = the dataset mode's sharded batch over a 4-chip slice) it compiles
+from abstract arguments (no weights are read), prints argument / temp / output GiB per chip,
+whether the program fits the chip (total <= --usable x its memory), and with --max-batch the
+largest batch per chip that fits (affine-guided bisection, a few compiles per program). A
+program that does not fit or does not compile is listed with its largest temporary buffers from
+XLA's buffer assignment. ``--target cpu`` compiles for this machine (for tests; give
+--memory-gib). TPU compiles are slow on 2 cores (minutes per program at 512 px); ulimit -s
+unlimited first (libtpu recurses deeply on large programs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from csg_jax import aot  # noqa: E402  (imports no JAX: the environment is set first)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", action="append", choices=sorted(aot.TARGETS),
+                   help="chip to compile for (repeatable; default h100 and v5e)")
+    p.add_argument("--programs", default=",".join(aot.PROGRAMS),
+                   help=f"comma list (default all): {', '.join(aot.PROGRAMS)}")
+    p.add_argument("--model", default="sd15", help="architecture: sd15, tiny, or a diffusers folder (configs only)")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="activation dtype")
+    p.add_argument("--param-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=1, help="images per chip to compile at")
+    p.add_argument("--max-batch", action="store_true", help="also find the largest batch per chip that fits")
+    p.add_argument("--batch-limit", type=int, default=256, help="--max-batch searches up to this")
+    p.add_argument("--usable", type=float, default=0.9,
+                   help="fraction of the chip's memory a program may use (the rest: runtime, workspaces)")
+    p.add_argument("--memory-gib", type=float, default=None, help="override the chip's memory (required for cpu)")
+    p.add_argument("--chips", type=int, default=4, help="chips of the dataset program's mesh")
+    p.add_argument("--no-dump", action="store_true", help="skip XLA's buffer-assignment dump (no largest buffers)")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    args.target = args.target or ["h100", "v5e"]
+    for name in args.programs.split(","):
+        if name not in aot.PROGRAMS:
+            p.error(f"unknown program {name!r}; choose from {', '.join(aot.PROGRAMS)}")
+    if "cpu" in args.target and args.memory_gib is None:
+        p.error("--target cpu needs --memory-gib (the CPU backend has no fixed memory)")
+    if not 0 < args.usable <= 1:
+        p.error("--usable must lie in (0, 1]")
+    if args.batch < 1 or args.batch_limit < args.batch:
+        p.error("--batch must be >= 1 and <= --batch-limit")
+    return args
+
+
+def gib(n: int) -> str:
+    return f"{n / aot.GIB:.2f}"
+
+
+def run(args) -> dict:
+    aot.deviceless_environment()
+    import jax.numpy as jnp
+
+    pipe = aot.abstract_pipeline(aot.model_configs(args.model), getattr(jnp, args.dtype), getattr(jnp, args.param_dtype))
+    setting = aot.Setting(args.size, args.steps, args.dtype, args.param_dtype)
+    report = {"model": args.model, "setting": vars(setting), "usable": args.usable, "host": platform.node(),
+              "cpu_count": os.cpu_count(), "results": []}
+    head = (f"{'program':<19}{'target':<7}{'batch':>6}{'args':>8}{'temp':>8}{'out':>8}{'total':>8}"
+            f"{'fits':>6}{'max b':>7}{'GiB/img':>9}{'compile s':>11}")
+    print(f"{args.model}: {args.size} px, {args.steps} steps, activations {args.dtype}, params {args.param_dtype}; "
+          f"GiB per chip, fits = total <= {args.usable:.0%} of the chip")
+    print(head)
+    problems = []
+    for tname in args.target:
+        target = aot.TARGETS[tname]
+        memory = int(args.memory_gib * aot.GIB) if args.memory_gib else target.memory_bytes
+        try:
+            devices = aot.target_devices(target, args.chips if any(p.startswith("dataset") for p in
+                                                                   args.programs.split(",")) else 1)
+        except (aot.ToolchainMissing, ValueError) as e:
+            print(f"{tname}: {e}")
+            report["results"].append({"target": tname, "error": str(e)})
+            continue
+        for program in args.programs.split(","):
+            t0 = time.perf_counter()
+            res = aot.program_result(program, pipe, setting, args.batch, target, devices, dump=not args.no_dump)
+            row = {"program": program, "target": tname, "memory_bytes": memory, **_row(res)}
+            row["fits"] = aot.fits(res, memory, args.usable)
+            max_b, per_image = None, None
+            if args.max_batch and res.ok:
+                measured = {}
+
+                def need(b):
+                    r = aot.program_result(program, pipe, setting, b, target, devices, dump=False)
+                    measured[b] = _row(r)
+                    return r.total_bytes if r.ok else None
+
+                max_b, seen = aot.largest_batch(need, int(args.usable * memory), start=args.batch,
+                                                limit=args.batch_limit, known={args.batch: res.total_bytes})
+                row["max_batch"] = max_b
+                row["bisection"] = {str(b): v for b, v in sorted(seen.items())}
+                pts = sorted((b, v) for b, v in seen.items() if v is not None)
+                if len(pts) >= 2:
+                    (b1, n1), (b2, n2) = pts[0], pts[-1]
+                    per_image = (n2 - n1) / (b2 - b1)
+                    row["bytes_per_image"] = per_image
+            row["search_s"] = time.perf_counter() - t0
+            report["results"].append(row)
+            fit = "yes" if row["fits"] else ("ERR" if not res.ok else "no")
+            print(f"{program:<19}{tname:<7}{args.batch:>6}{gib(res.argument_bytes):>8}{gib(res.temp_bytes):>8}"
+                  f"{gib(res.output_bytes):>8}{gib(res.total_bytes):>8}{fit:>6}"
+                  f"{'' if max_b is None else max_b:>7}{'' if per_image is None else gib(per_image):>9}"
+                  f"{res.compile_s:>11.1f}", flush=True)
+            if not row["fits"]:
+                problems.append(res)
+    for res in problems:
+        why = res.error or f"needs {gib(res.total_bytes)} GiB"
+        print(f"\n{res.program} on {res.target} at batch {res.batch}: {why}")
+        for size, name, shape in res.largest_buffers:
+            print(f"    {size / 2**20:>10.1f} MiB  {name}  {shape}")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, args.json)
+        print(f"\nwrote {args.json}")
+    return report
+
+
+def _row(res) -> dict:
+    return {"batch": res.batch, "ok": res.ok, "argument_bytes": res.argument_bytes, "output_bytes": res.output_bytes,
+            "alias_bytes": res.alias_bytes, "temp_bytes": res.temp_bytes, "total_bytes": res.total_bytes,
+            "compile_s": round(res.compile_s, 2), "error": res.error,
+            "largest_buffers": [list(b) for b in res.largest_buffers]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    return 0 if all(r.get("ok", False) for r in report["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
