@@ -73,6 +73,7 @@ TARGETS = {
     "h100": Target("h100", "cuda", 84942979072, gpu_config=_H100, description="NVIDIA H100 80GB HBM3"),
     "a100": Target("a100", "cuda", 85198045184, gpu_config=_A100, description="NVIDIA A100-SXM4 80GB"),
     "cpu": Target("cpu", "cpu", 0, description="this machine's CPU backend (memory: --memory-gib)"),
+    "device": Target("device", "device", 0, description="the accelerator attached here (a real run: --run)"),
 }
 
 INSTALL_HINT = {
@@ -99,8 +100,8 @@ def target_devices(target: Target, count: int = 1) -> list:
     import jax
     from jax.experimental import topologies
 
-    if target.platform == "cpu":
-        devs = jax.devices("cpu")
+    if target.platform in ("cpu", "device"):
+        devs = jax.devices("cpu") if target.platform == "cpu" else jax.devices()
         if len(devs) < count:
             raise ValueError(f"the CPU backend has {len(devs)} devices, {count} asked; set "
                              f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
@@ -142,6 +143,8 @@ class CompileResult:
     compile_s: float = 0.0
     error: str = ""
     largest_buffers: list = dataclasses.field(default_factory=list)  # [(bytes, name, shape)]
+    device_peak_bytes: Optional[int] = None  # --run: the allocator's peak after one execution
+    run_s: Optional[float] = None
 
     @property
     def total_bytes(self) -> int:
@@ -156,13 +159,16 @@ def fits(result: CompileResult, memory_bytes: int, usable: float) -> bool:
 
 
 def compile_program(name: str, fn, args: Sequence, target_name: str, batch: int, dump: bool = True,
-                    top: int = 6, options: Optional[dict] = None) -> CompileResult:
+                    top: int = 6, options: Optional[dict] = None, run: bool = False) -> CompileResult:
     """``jit``-ted ``fn`` lowered on abstract ``args`` (ShapeDtypeStructs with shardings) and compiled.
 
     With ``dump``, XLA's buffer assignment is written to a temporary folder and the ``top``
     largest temporaries are kept in the result (names as in the optimised HLO). ``options``: XLA
-    compiler options (what ``XLA_FLAGS`` sets in a real run)."""
+    compiler options (what ``XLA_FLAGS`` sets in a real run). ``run`` (a real device only): execute
+    once on zeros and read the allocator's peak, to hold the compiler's estimate against."""
     import time
+
+    import numpy as np
 
     folder = tempfile.mkdtemp(prefix="csg_jax_aot_") if dump else None
     t0 = time.perf_counter()
@@ -173,6 +179,17 @@ def compile_program(name: str, fn, args: Sequence, target_name: str, batch: int,
         res = CompileResult(name, target_name, batch, True, int(ma.argument_size_in_bytes),
                             int(ma.output_size_in_bytes), int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes),
                             time.perf_counter() - t0)
+        if run:
+            import jax
+
+            zeros = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), tuple(args))
+            t1 = time.perf_counter()
+            jax.block_until_ready(compiled(*zeros))
+            res.run_s = time.perf_counter() - t1
+            device = next(iter(jax.tree.leaves(zeros)[0].devices()))
+            # the process's peak so far: run one program per process for a clean reading
+            res.device_peak_bytes = (device.memory_stats() or {}).get("peak_bytes_in_use")
+            del zeros
     except Exception as e:
         msg = " ".join(str(e).split())
         res = CompileResult(name, target_name, batch, False, compile_s=time.perf_counter() - t0,
@@ -406,12 +423,13 @@ def build_program(program: str, pipe, setting: Setting, batch: int, devices: Seq
 
 
 def program_result(program: str, pipe, setting: Setting, batch: int, target: Target, devices: Sequence,
-                   dump: bool = True) -> CompileResult:
+                   dump: bool = True, run: bool = False) -> CompileResult:
     """Build and compile ``program`` for ``target`` at ``batch`` per chip."""
     try:
         fn, args = build_program(program, pipe, setting, batch, devices)
     except Exception as e:
         return CompileResult(program, target.name, batch, False, error=f"{type(e).__name__}: {e}")
     # the flags csg_jax.runtime sets for real GPU runs (memory of an SPMD program is per chip)
-    options = runtime.GPU_COMPILER_OPTIONS if target.platform == "cuda" else None
-    return compile_program(program, fn, args, target.name, batch, dump=dump, options=options)
+    gpu = target.platform == "cuda" or (target.platform == "device" and devices[0].platform == "gpu")
+    options = runtime.GPU_COMPILER_OPTIONS if gpu else None
+    return compile_program(program, fn, args, target.name, batch, dump=dump, options=options, run=run)

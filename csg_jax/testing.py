@@ -224,7 +224,7 @@ def sd15_configs(vocab_size: int = 1000) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": dict(SD1_SCHEDULER)}
 
 
-def make_random_pipeline(configs: dict, seed: int = 0, words=DEFAULT_WORDS, dtype=jnp.float32):
+def make_random_pipeline(configs: dict, seed: int = 0, words=DEFAULT_WORDS, dtype=jnp.float32, param_dtype=jnp.float32):
     """A :class:`~csg_jax.pipeline.Pipeline` with random weights, built in memory (no weight files)."""
     import tempfile
 
@@ -234,9 +234,10 @@ def make_random_pipeline(configs: dict, seed: int = 0, words=DEFAULT_WORDS, dtyp
     tmp = tempfile.mkdtemp(prefix="csg_jax_tok_")
     vocab = write_clip_tokenizer(os.path.join(tmp, "tokenizer"), words)
     configs = dict(configs, text_encoder=dict(configs["text_encoder"], vocab_size=vocab))
-    params = jax.tree.map(jnp.asarray, init_params(configs, seed=seed, noise=0.0))
-    unet = UNet2DConditionModel(UNetConfig.from_dict(configs["unet"]), dtype=dtype)
-    text = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]), dtype=dtype)
-    vae = AutoencoderKL(VAEConfig.from_dict(configs["vae"]), dtype=dtype) if configs.get("vae") else None
+    params = jax.tree.map(lambda a: jnp.asarray(a, param_dtype), init_params(configs, seed=seed, noise=0.0))
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(configs["unet"]), **kw)
+    text = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]), **kw)
+    vae = AutoencoderKL(VAEConfig.from_dict(configs["vae"]), **kw) if configs.get("vae") else None
     return Pipeline(unet, text, vae, _load_tokenizer(tmp), SchedulerConfig.from_dict(configs["scheduler"]), params,
                     0.18215, source=f"random:{seed}")

@@ -47,13 +47,20 @@ def parse_args(argv=None):
                    help="fraction of the chip's memory a program may use (the rest: runtime, workspaces)")
     p.add_argument("--memory-gib", type=float, default=None, help="override the chip's memory (required for cpu)")
     p.add_argument("--chips", type=int, default=4, help="chips of the dataset program's mesh")
+    p.add_argument("--compare-steps", type=int, default=None, metavar="N",
+                   help="also compile at N steps and check that the temp memory grows by no more than the stored "
+                        "per-step latents (the edit's source trajectory)")
     p.add_argument("--no-dump", action="store_true", help="skip XLA's buffer-assignment dump (no largest buffers)")
+    p.add_argument("--run", action="store_true",
+                   help="--target device: also execute each program once (zeros) and report the allocator's peak")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.target = args.target or ["h100", "v5e"]
     for name in args.programs.split(","):
         if name not in aot.PROGRAMS:
             p.error(f"unknown program {name!r}; choose from {', '.join(aot.PROGRAMS)}")
+    if args.run and args.target != ["device"]:
+        p.error("--run needs --target device (the others are compiled for chips that are not here)")
     if "cpu" in args.target and args.memory_gib is None:
         p.error("--target cpu needs --memory-gib (the CPU backend has no fixed memory)")
     if not 0 < args.usable <= 1:
@@ -68,7 +75,12 @@ def gib(n: int) -> str:
 
 
 def run(args) -> dict:
-    aot.deviceless_environment()
+    if "device" in args.target:
+        from csg_jax import runtime
+
+        runtime.add_xla_flags()  # what the csg_jax commands run with
+    else:
+        aot.deviceless_environment()
     import jax.numpy as jnp
 
     pipe = aot.abstract_pipeline(aot.model_configs(args.model), getattr(jnp, args.dtype), getattr(jnp, args.param_dtype))
@@ -80,21 +92,30 @@ def run(args) -> dict:
     print(f"{args.model}: {args.size} px, {args.steps} steps, activations {args.dtype}, params {args.param_dtype}; "
           f"GiB per chip, fits = total <= {args.usable:.0%} of the chip")
     print(head)
-    problems = []
+    problems, growth = [], []
     for tname in args.target:
         target = aot.TARGETS[tname]
-        memory = int(args.memory_gib * aot.GIB) if args.memory_gib else target.memory_bytes
+        chips = args.chips if any(p.startswith("dataset") for p in args.programs.split(",")) else 1
         try:
-            devices = aot.target_devices(target, args.chips if any(p.startswith("dataset") for p in
-                                                                   args.programs.split(",")) else 1)
+            devices = aot.target_devices(target, chips)
         except (aot.ToolchainMissing, ValueError) as e:
             print(f"{tname}: {e}")
             report["results"].append({"target": tname, "error": str(e)})
             continue
+        memory = int(args.memory_gib * aot.GIB) if args.memory_gib else target.memory_bytes
+        if tname == "device":
+            report["device"] = str(devices[0])
+            memory = memory or int((devices[0].memory_stats() or {}).get("bytes_limit", 0))
         for program in args.programs.split(","):
             t0 = time.perf_counter()
-            res = aot.program_result(program, pipe, setting, args.batch, target, devices, dump=not args.no_dump)
+            res = aot.program_result(program, pipe, setting, args.batch, target, devices, dump=not args.no_dump,
+                                     run=args.run)
             row = {"program": program, "target": tname, "memory_bytes": memory, **_row(res)}
+            if args.run:
+                row.update(device_peak_bytes=res.device_peak_bytes, run_s=res.run_s)
+                if res.device_peak_bytes:
+                    print(f"  {program}: device peak {gib(res.device_peak_bytes)} GiB vs compiled total "
+                          f"{gib(res.total_bytes)} GiB (run {res.run_s:.2f} s)", flush=True)
             row["fits"] = aot.fits(res, memory, args.usable)
             max_b, per_image = None, None
             if args.max_batch and res.ok:
@@ -114,6 +135,9 @@ def run(args) -> dict:
                     (b1, n1), (b2, n2) = pts[0], pts[-1]
                     per_image = (n2 - n1) / (b2 - b1)
                     row["bytes_per_image"] = per_image
+            if args.compare_steps and res.ok:
+                row.update(_steps_growth(program, pipe, setting, args, target, devices, res))
+                growth.append(row)
             row["search_s"] = time.perf_counter() - t0
             report["results"].append(row)
             fit = "yes" if row["fits"] else ("ERR" if not res.ok else "no")
@@ -123,6 +147,15 @@ def run(args) -> dict:
                   f"{res.compile_s:>11.1f}", flush=True)
             if not row["fits"]:
                 problems.append(res)
+    if growth:
+        print(f"\ntemp memory, {args.compare_steps} -> {args.steps} steps (allowed: the stored per-step latents)")
+        for row in growth:
+            if row["temp_growth_bytes"] is None:
+                print(f"  {row['program']:<19}{row['target']:<7} did not compile at {args.compare_steps} steps")
+                continue
+            ok = "ok" if row["temp_growth_bytes"] <= row["allowed_growth_bytes"] else "EXCEEDS"
+            print(f"  {row['program']:<19}{row['target']:<7} {row['temp_growth_bytes'] / 2**20:+10.2f} MiB"
+                  f"  allowed {row['allowed_growth_bytes'] / 2**20:8.2f} MiB  {ok}")
     for res in problems:
         why = res.error or f"needs {gib(res.total_bytes)} GiB"
         print(f"\n{res.program} on {res.target} at batch {res.batch}: {why}")
@@ -135,6 +168,21 @@ def run(args) -> dict:
         os.replace(tmp, args.json)
         print(f"\nwrote {args.json}")
     return report
+
+
+def _steps_growth(program, pipe, setting, args, target, devices, res) -> dict:
+    """Temp bytes at --compare-steps vs at --steps, and what the stored latents account for."""
+    import dataclasses
+
+    other = aot.program_result(program, pipe, dataclasses.replace(setting, steps=args.compare_steps), args.batch,
+                               target, devices, dump=False)
+    side = args.size // pipe.downsample
+    latent = side * side * pipe.unet.config.in_channels * 4  # float32 latent per image
+    keeps_trajectory = program.startswith(("edit:", "dataset:"))  # the source pass's x_t per step
+    allowed = abs(args.steps - args.compare_steps) * args.batch * latent  # per chip if keeps_trajectory else 0
+    return {"compare_steps": args.compare_steps, "compare_temp_bytes": other.temp_bytes if other.ok else None,
+            "temp_growth_bytes": (res.temp_bytes - other.temp_bytes) if other.ok else None,
+            "allowed_growth_bytes": allowed}
 
 
 def _row(res) -> dict:

@@ -35,6 +35,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from csg_jax import runtime  # noqa: E402
+
+runtime.add_xla_flags()  # the GPU flags the csg_jax commands run with (before JAX's backend starts)
+
 from csg_jax.editing import csg  # noqa: E402
 from csg_jax.editing.config import EditConfig  # noqa: E402
 from csg_jax.editing.editor import Editor, batch_prompts, method_knobs, plan_prompts  # noqa: E402
@@ -49,15 +53,15 @@ METHODS = {
 }
 
 
-def build_pipeline(name: str, dtype):
+def build_pipeline(name: str, dtype, param_dtype=jnp.float32):
     from csg_jax.pipeline import load_pipeline
     from csg_jax.testing import make_random_pipeline, make_tiny_model, sd15_configs
 
     if name == "tiny":
-        return load_pipeline(make_tiny_model(tempfile.mkdtemp(prefix="bench_tiny_")), dtype=dtype)
+        return load_pipeline(make_tiny_model(tempfile.mkdtemp(prefix="bench_tiny_")), dtype=dtype, param_dtype=param_dtype)
     if name == "sd15":
-        return make_random_pipeline(sd15_configs(), dtype=dtype)
-    return load_pipeline(name, dtype=dtype)
+        return make_random_pipeline(sd15_configs(), dtype=dtype, param_dtype=param_dtype)
+    return load_pipeline(name, dtype=dtype, param_dtype=param_dtype)
 
 
 def peak_bytes(compiled) -> dict:
@@ -193,9 +197,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--size", type=int, default=256, help="image side for sd15 (tiny uses 32)")
     p.add_argument("--tiny-size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", default="1", help="images per call; a comma list (1,4,16) runs each")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activation dtype")
+    p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", default="benchmark.json")
     p.add_argument("--dataset", action="store_true",
                    help="dataset mode: images/s of `translate --manifest` runs (csg_jax/dataset.py) per --batch-sizes")
@@ -206,29 +211,41 @@ def main(argv=None):
         return bench_dataset(args)
 
     dtype = getattr(jnp, args.dtype)
+    batches = [int(b) for b in str(args.batch).split(",")]
     report = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "host": platform.node(),
-              "cpu_count": os.cpu_count(), "steps": args.steps, "dtype": args.dtype, "batch": args.batch, "results": {}}
-    print(f"device: {report['device']}  steps: {args.steps}  dtype: {args.dtype}  batch: {args.batch}")
+              "cpu_count": os.cpu_count(), "steps": args.steps, "dtype": args.dtype, "param_dtype": args.param_dtype,
+              "batch": batches, "results": {}}
+    print(f"device: {report['device']}  steps: {args.steps}  dtype: {args.dtype}  params: {args.param_dtype}  "
+          f"batch: {args.batch}")
     for model in args.models.split(","):
         t0 = time.perf_counter()
-        pipe = build_pipeline(model, dtype)
+        pipe = build_pipeline(model, dtype, getattr(jnp, args.param_dtype))
         size = args.tiny_size if model == "tiny" else args.size
         rng = np.random.RandomState(0)
         image = rng.uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
         plan = plan_prompts(pipe, "a photo of a cat on the grass", task="cat2dog")
         print(f"\n{model}: {size}px, built in {time.perf_counter() - t0:.1f}s")
-        print(f"{'method':<18}{'s/image':>10}{'compile s':>11}{'UNet evals':>12}{'s/eval':>10}{'overhead':>10}{'peak MB':>10}")
+        print(f"{'method':<22}{'s/image':>10}{'img/s':>8}{'compile s':>11}{'UNet evals':>12}{'s/eval':>10}{'overhead':>10}"
+              f"{'peak MB':>10}")
         rows, edits = {}, {}
-        for name in args.methods.split(","):
-            config = EditConfig(num_steps=args.steps, **METHODS[name])
-            rows[name], edits[name] = bench_method(pipe, image, plan, config, args.repeats, args.batch)
-        base = rows.get("ddim")
-        for name, row in rows.items():
-            if base:
-                row["bookkeeping_overhead"] = row["s_per_unet_eval"] / base["s_per_unet_eval"] - 1.0
-            peak = row.get("device_peak_bytes") or (row.get("compiled_temp_bytes", 0) + row.get("compiled_argument_bytes", 0))
-            print(f"{name:<18}{row['s_per_image']:>10.3f}{row['compile_s']:>11.1f}{row['unet_evals']:>12}"
-                  f"{row['s_per_unet_eval']:>10.4f}{row.get('bookkeeping_overhead', float('nan')):>+10.1%}{peak / 2**20:>10.0f}")
+        report["results"][model] = {"size": size, **rows}
+        for batch in batches:
+            for name in args.methods.split(","):
+                config = EditConfig(num_steps=args.steps, **METHODS[name])
+                key = name if len(batches) == 1 else f"{name}@b{batch}"
+                row, edit = bench_method(pipe, image, plan, config, args.repeats, batch)
+                row["batch"] = batch
+                rows[key], edits[key] = row, edit
+                base = rows.get("ddim" if len(batches) == 1 else f"ddim@b{batch}")
+                if base:
+                    row["bookkeeping_overhead"] = row["s_per_unet_eval"] / base["s_per_unet_eval"] - 1.0
+                peak = row.get("device_peak_bytes") or (row.get("compiled_temp_bytes", 0)
+                                                        + row.get("compiled_argument_bytes", 0))
+                print(f"{key:<22}{row['s_per_image']:>10.3f}{row['images_per_s']:>8.2f}{row['compile_s']:>11.1f}"
+                      f"{row['unet_evals']:>12}{row['s_per_unet_eval']:>10.4f}"
+                      f"{row.get('bookkeeping_overhead', float('nan')):>+10.1%}{peak / 2**20:>10.0f}", flush=True)
+                report["results"][model] = {"size": size, **rows}
+                _write_json(args.json, report)  # after every row: a run cut off keeps what it measured
         if "csg" in rows and "pix2pix-zero" in rows:
             ratio = rows["pix2pix-zero"]["s_per_image"] / rows["csg"]["s_per_image"]
             evals = rows["pix2pix-zero"]["unet_evals"] / rows["csg"]["unet_evals"]
@@ -241,9 +258,15 @@ def main(argv=None):
             print(f"single-pass vs two-pass edit latents: mean |diff| {d.mean():.4f} (max {d.max():.4f}; mean |latent| {scale:.3f})")
         report["results"][model] = {"size": size, **rows}
         del pipe
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
+    _write_json(args.json, report)
     print(f"\nwrote {args.json}")
+
+
+def _write_json(path: str, report: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -172,9 +172,11 @@ class Attention(nn.Module):
 
 # -- memory-bounded attention ---------------------------------------------------------------------
 
-def query_chunk(batch: int, heads: int, q_len: int, t_len: int, budget: int = LOGITS_BUDGET) -> int:
+def query_chunk(batch: int, heads: int, q_len: int, t_len: int, budget: Optional[int] = None) -> int:
     """Query rows per chunk so that one chunk's scores (batch, heads, chunk, t_len) stay within
-    ``budget`` elements: ``q_len`` itself when all of them do, else its largest divisor that fits."""
+    ``budget`` elements (default :data:`LOGITS_BUDGET`): ``q_len`` itself when all of them do, else
+    its largest divisor that fits."""
+    budget = LOGITS_BUDGET if budget is None else budget
     if batch * heads * q_len * t_len <= budget:
         return q_len
     want = max(1, budget // (batch * heads * t_len))
@@ -214,9 +216,12 @@ def map_query_chunks(f: Callable, chunk: int, q_len: int, row_args, out_axes):
 
 
 def _cudnn_supported(q, k) -> bool:
-    """cuDNN flash attention: half-precision inputs, head dim a multiple of 8 up to 128."""
+    """cuDNN flash attention: half-precision inputs, head dim a multiple of 8 up to 128, even
+    sequence lengths (its gradient refuses odd ones: cross-attention's 77 text tokens stay on XLA,
+    where their scores are small anyway)."""
     d = q.shape[-1]
-    return q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128 and k.shape[1] >= 1
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128
+            and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
 
 
 def fused_attention(q, k, v):
