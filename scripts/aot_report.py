@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,7 +55,12 @@ def parse_args(argv=None):
     p.add_argument("--run", action="store_true",
                    help="--target device: also execute each program once (zeros) and report the allocator's peak")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as markdown")
+    p.add_argument("--from-json", nargs="+", metavar="JSON",
+                   help="compile nothing: merge earlier --json reports (later rows win) into --markdown / stdout")
     args = p.parse_args(argv)
+    if args.from_json:
+        return args
     args.target = args.target or ["h100", "v5e"]
     for name in args.programs.split(","):
         if name not in aot.PROGRAMS:
@@ -128,7 +134,7 @@ def run(args) -> dict:
 
                 max_b, seen = aot.largest_batch(need, int(args.usable * memory), start=args.batch,
                                                 limit=args.batch_limit, known={args.batch: res.total_bytes})
-                row["max_batch"] = max_b
+                row["max_batch"], row["batch_limit"] = max_b, args.batch_limit
                 row["bisection"] = {str(b): v for b, v in sorted(seen.items())}
                 pts = sorted((b, v) for b, v in seen.items() if v is not None)
                 if len(pts) >= 2:
@@ -192,9 +198,50 @@ def _row(res) -> dict:
             "largest_buffers": [list(b) for b in res.largest_buffers]}
 
 
+def markdown_table(rows: list[dict], limit: Optional[int] = None) -> str:
+    """Rows of one or more reports as a markdown table (GiB per chip)."""
+    out = ["| program | target | batch / chip | args | temp | out | total | fits | max batch / chip | GiB / image |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "program" not in r:
+            continue
+        if not r["ok"]:
+            out.append(f"| {r['program']} | {r['target']} | {r['batch']} | | | | | does not compile | | |")
+            continue
+        best = r.get("max_batch")
+        lim = r.get("batch_limit") or limit
+        best = "" if best is None else (f">= {best}" if lim and best >= lim else str(best))
+        per = r.get("bytes_per_image")
+        out.append(f"| {r['program']} | {r['target']} | {r['batch']} | {gib(r['argument_bytes'])} | {gib(r['temp_bytes'])} | "
+                   f"{gib(r['output_bytes'])} | {gib(r['total_bytes'])} | {'yes' if r['fits'] else '**no**'} | {best} | "
+                   f"{'' if per is None else gib(per)} |")
+    return "\n".join(out) + "\n"
+
+
+def merge_reports(paths) -> list[dict]:
+    rows = {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["results"]:
+                if "program" in r:
+                    rows[(r["program"], r["target"])] = r
+    order = {p: i for i, p in enumerate(aot.PROGRAMS)}
+    return sorted(rows.values(), key=lambda r: (r["target"], order.get(r["program"], 99)))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        table = markdown_table(merge_reports(args.from_json), args.batch_limit)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(table)
+        print(table, end="")
+        return 0
     report = run(args)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(report["results"], args.batch_limit))
     return 0 if all(r.get("ok", False) for r in report["results"]) else 1
 
 

@@ -234,3 +234,22 @@ def test_second_translate_run_loads_every_program_from_the_compile_cache(tmp_pat
     assert any(n.startswith("jit__edit_impl") for n in listings[0]) and any(n.startswith("jit__invert_impl")
                                                                            for n in listings[0])
     assert listings[1] == listings[0]
+
+
+def test_markdown_table_marks_the_search_limit_and_what_does_not_fit(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import aot_report
+
+    g = aot.GIB
+    base = dict(target="h100", ok=True, argument_bytes=g, output_bytes=0, temp_bytes=g, total_bytes=2 * g)
+    rows = [dict(base, program="edit:csg", batch=1, fits=True, max_batch=256, bytes_per_image=g // 4),
+            dict(base, program="invert", batch=1, fits=True, max_batch=40),
+            dict(base, program="decode", batch=8, fits=False),
+            dict(program="null-text", target="h100", batch=1, ok=False)]
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"results": rows}))
+    table = aot_report.markdown_table(aot_report.merge_reports([str(report)]), limit=256)
+    lines = table.splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["invert", "null-text", "edit:csg", "decode"]
+    assert "| >= 256 | 0.25 |" in table and "| 40 |" in table
+    assert "**no**" in lines[-1] and "does not compile" in lines[3]
