@@ -153,6 +153,7 @@ def run(args) -> dict:
                   f"{res.compile_s:>11.1f}", flush=True)
             if not row["fits"]:
                 problems.append(res)
+            _write_json(args.json, report)  # after every row: a run cut off keeps what it measured
     if growth:
         print(f"\ntemp memory, {args.compare_steps} -> {args.steps} steps (allowed: the stored per-step latents)")
         for row in growth:
@@ -167,13 +168,18 @@ def run(args) -> dict:
         print(f"\n{res.program} on {res.target} at batch {res.batch}: {why}")
         for size, name, shape in res.largest_buffers:
             print(f"    {size / 2**20:>10.1f} MiB  {name}  {shape}")
+    _write_json(args.json, report)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
         print(f"\nwrote {args.json}")
     return report
+
+
+def _write_json(path: Optional[str], report: dict) -> None:
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, path)
 
 
 def _steps_growth(program, pipe, setting, args, target, devices, res) -> dict:
@@ -185,7 +191,7 @@ def _steps_growth(program, pipe, setting, args, target, devices, res) -> dict:
     side = args.size // pipe.downsample
     latent = side * side * pipe.unet.config.in_channels * 4  # float32 latent per image
     keeps_trajectory = program.startswith(("edit:", "dataset:"))  # the source pass's x_t per step
-    allowed = abs(args.steps - args.compare_steps) * args.batch * latent  # per chip if keeps_trajectory else 0
+    allowed = abs(args.steps - args.compare_steps) * args.batch * latent if keeps_trajectory else 0  # per chip
     return {"compare_steps": args.compare_steps, "compare_temp_bytes": other.temp_bytes if other.ok else None,
             "temp_growth_bytes": (res.temp_bytes - other.temp_bytes) if other.ok else None,
             "allowed_growth_bytes": allowed}
