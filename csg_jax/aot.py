@@ -93,6 +93,9 @@ def deviceless_environment() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check against
+    # libtpu locks /tmp/libtpu_lockfile against a second process using the chips; compile-only
+    # processes use none, so several may run side by side
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def target_devices(target: Target, count: int = 1) -> list:
@@ -119,7 +122,7 @@ def target_devices(target: Target, count: int = 1) -> list:
                                                 topology=f"1x1x{count}")
     except Exception as e:  # the plugin is absent or refuses: say what to install
         raise ToolchainMissing(f"cannot compile for {target.name} here ({type(e).__name__}: {str(e)[:200]}); "
-                               f"install the toolchain: {INSTALL_HINT[target.platform]}") from None
+                               f"if its toolchain is missing: {INSTALL_HINT[target.platform]}") from None
     devs = list(topo.devices)
     if len(devs) < count:
         raise ValueError(f"{target.name}: topology {target.topology or '1x1'} has {len(devs)} chips, {count} asked")
