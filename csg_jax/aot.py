@@ -356,17 +356,17 @@ def _abstract(tree, sharding):
 
 
 def _abstract_prompts(pipe, batch: int, span: int = 8):
+    """:class:`~csg_jax.editing.csg.Prompts` of ``batch`` images as ShapeDtypeStructs."""
+    import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from csg_jax.editing import csg
 
     n, d = pipe.max_length, pipe.unet.config.cross_attention_dim
-    dt = jnp.dtype(pipe.text_encoder.dtype)  # the text encoder's output dtype, as pipe.embed returns
-    states = lambda: np.zeros((batch, n, d), dt)
-    return csg.Prompts(states(), states(), states(), np.zeros((batch, span), np.int32),
-                       np.zeros((batch, span), np.float32), np.zeros((batch, n), np.int32),
-                       np.zeros((batch, n), np.float32), np.zeros((batch, n), np.float32))
+    spec = jax.ShapeDtypeStruct
+    states = lambda: spec((batch, n, d), jnp.dtype(pipe.text_encoder.dtype))  # as pipe.embed returns
+    return csg.Prompts(states(), states(), states(), spec((batch, span), jnp.int32), spec((batch, span), jnp.float32),
+                       spec((batch, n), jnp.int32), spec((batch, n), jnp.float32), spec((batch, n), jnp.float32))
 
 
 def build_program(program: str, pipe, setting: Setting, batch: int, devices: Sequence) -> tuple[Any, tuple]:
@@ -376,7 +376,6 @@ def build_program(program: str, pipe, setting: Setting, batch: int, devices: Seq
     ``jit(shard_map(...))`` over a ("data",) mesh of all ``devices``, at ``batch`` x len(devices)
     images with its real shardings."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
@@ -391,9 +390,9 @@ def build_program(program: str, pipe, setting: Setting, batch: int, devices: Seq
     side = setting.size // pipe.downsample
     editor = Editor(pipe, config, (side, side))
     c = pipe.unet.config.in_channels
-    f32 = np.float32
-    latents = lambda b: np.zeros((b, side, side, c), f32)
-    images = lambda b: np.zeros((b, setting.size, setting.size, 3), f32)
+    # shapes only: nothing of the batch is allocated, however large the probe
+    latents = lambda b: jax.ShapeDtypeStruct((b, side, side, c), np.float32)
+    images = lambda b: jax.ShapeDtypeStruct((b, setting.size, setting.size, 3), np.float32)
     knobs = csg.Knobs.from_config(config)
     extra = method_knobs(config)
 

@@ -27,7 +27,7 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from csg_jax import aot  # noqa: E402  (imports no JAX: the environment is set first)
+from csg_jax import aot, io  # noqa: E402  (import no JAX: the environment is set first)
 
 
 def parse_args(argv=None):
@@ -176,10 +176,7 @@ def run(args) -> dict:
 
 def _write_json(path: Optional[str], report: dict) -> None:
     if path:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, path)
+        io.atomic_write(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
 
 
 def _steps_growth(program, pipe, setting, args, target, devices, res) -> dict:

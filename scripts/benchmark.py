@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from csg_jax import runtime  # noqa: E402
+from csg_jax import io, runtime  # noqa: E402
 
 runtime.add_xla_flags()  # the GPU flags the csg_jax commands run with (before JAX's backend starts)
 
@@ -264,10 +264,7 @@ def main(argv=None):
 
 
 def _write_json(path: str, report: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    io.atomic_write(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
 
 
 if __name__ == "__main__":
