@@ -104,13 +104,16 @@ def state_dict_to_flax(
     source: str = "checkpoint",
     ignore: Iterable[str] = (),
     dtype: Any = None,
+    place: Any = None,
 ) -> dict:
     """Convert a PyTorch-layout ``state_dict`` into a Flax param tree shaped like ``template``.
 
     ``template`` is a (possibly abstract, e.g. from ``jax.eval_shape``) param tree; leaves
     need ``.shape``. ``ignore`` lists regexes of checkpoint keys that are buffers, not
     parameters (e.g. ``position_ids``). Raises :class:`WeightConversionError` naming the
-    first offending tensors.
+    first offending tensors. ``place``: applied to each converted tensor at once (e.g.
+    ``jnp.asarray``), so that with lazily read tensors (:func:`csg_jax.weights.read_state_dict`
+    ``lazy=True``) only one PyTorch-layout tensor is held at a time.
     """
     want = flatten(template)
     ignore_res = [re.compile(p) for p in ignore]
@@ -137,13 +140,13 @@ def state_dict_to_flax(
         arr = _to_flax(cand, np.asarray(array), target_shape)
         if tuple(arr.shape) != target_shape:
             raise WeightConversionError(
-                f"{source}: tensor '{key}' has shape {tuple(np.shape(array))}, but the model expects "
+                f"{source}: tensor '{key}' has shape {tuple(getattr(array, 'shape', np.shape(array)))}, but the model expects "
                 f"{target_shape} for {'/'.join(path)} (after layout conversion: {tuple(arr.shape)}). "
                 "Does config.json match the weights?"
             )
         if dtype is not None:
             arr = arr.astype(dtype)
-        out[path] = arr
+        out[path] = arr if place is None else place(arr)
     missing = sorted("/".join(p) for p in want if p not in out)
     if unused or missing:
         msg = [f"{source}: the weights do not match the model architecture."]

@@ -662,7 +662,7 @@ class DatasetRun:
         return inputs, owned, errors
 
     def _finish(self, batch: Batch, outputs, owned, t_dispatch: float, results: ResultsLog):
-        from csg_jax.editing.editor import EditResult, to_unit_range
+        from csg_jax.editing.editor import EditResult, get_editor, to_unit_range
         from csg_jax.translate import write_item_outputs
 
         try:
@@ -673,6 +673,7 @@ class DatasetRun:
             return
         batch_s = time.perf_counter() - t_dispatch
         per_image_s = batch_s / len(batch.items)
+        batch_editor = get_editor(self.pipe, batch.items[0][1], tuple(s // self.pipe.downsample for s in batch.bucket.hw))
         for r, p in owned:
             i = r - self.lo
             t0 = time.perf_counter()
@@ -682,6 +683,7 @@ class DatasetRun:
                 edited_latent=local["edited"][i], mask_raw=local["mask_raw"][i], mask=local["mask"][i],
                 source_image=p.source_unit, reconstruction=to_unit_range(local["reconstruction_image"][i]),
                 edit=to_unit_range(local["edit_image"][i]), timings=timings,
+                unet_evaluations=batch_editor.unet_evaluations(self.batch_size),
                 **{k: local[k][i] for k in ("null_embeddings", "null_text_iterations") if k in local})
             try:
                 paths = write_item_outputs(

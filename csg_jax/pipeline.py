@@ -186,15 +186,19 @@ def load_pipeline(path_or_id: str, dtype: Any = jnp.float32, param_dtype: Any = 
     if params is None:
         templates = param_shapes(unet, text, vae)
         params = {}
+        # Tensor by tensor: each is read, converted and placed before the next is read (peak: the
+        # params plus one tensor; with the cache, the numpy params are kept to be saved first).
+        place = None if cache else (lambda a: jnp.asarray(a, param_dtype))
         for comp in templates:
-            sd = weights.read_state_dict(os.path.join(folder, comp), comp)
+            sd = weights.read_state_dict(os.path.join(folder, comp), comp, lazy=True)
             if comp == "vae":
                 sd = fix_legacy_keys(sd)
             if comp == "text_encoder":
                 sd = canonical_keys(sd)
             params[comp] = weights.convert_component(
                 sd, templates[comp], source=os.path.join(folder, comp),
-                ignore=TEXT_IGNORE_KEYS if comp == "text_encoder" else (), dtype=np.dtype(param_dtype))
+                ignore=TEXT_IGNORE_KEYS if comp == "text_encoder" else (), dtype=np.dtype(param_dtype), place=place)
+            del sd
         if cache:
             weights.save_params_cache(cache, params, {"fingerprint": fingerprint, "source": os.path.abspath(folder)})
         params = jax.tree.map(jnp.asarray, params)

@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "embeddings; default: target prompt - source prompt)")
     e.add_argument("--encode", choices=["mean", "sample"], help="VAE posterior mean (deterministic) or a seeded sample (official)")
     e.add_argument("--mixup", choices=["two-pass", "single-pass"], help="cross-attention mixup: official two passes or one pass")
+    e.add_argument("--max-attention-store-gb", type=float, metavar="GB",
+                   help="two-pass mixup: keep the source pass's cross-attention maps of every step when they take at "
+                        "most GB per program (one UNet evaluation per step fewer; default 4), else recompute them "
+                        "(memory flat in the steps); 0: always recompute")
     e.add_argument("--seed", type=int, help="seed (used by --encode sample)")
 
     o = p.add_argument_group("output")
@@ -173,6 +177,7 @@ def edit_config_from_args(args):
         "posterior_guidance": args.posterior_guidance, "negative_prompt": args.negative, "mask_res": args.mask_res,
         "delta": args.delta, "inversion": args.inversion_variant, "encode": args.encode, "mixup": args.mixup,
         "seed": args.seed, "dtype": args.dtype if args.dtype != "float32" else None,
+        "max_attention_store_gb": getattr(args, "max_attention_store_gb", None),
     }
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -215,7 +220,8 @@ def write_item_outputs(out_dir: str, result, config, *, model_info: dict, image_
             "prompts": result.plan.to_dict(),
             "model": model_info,
             "image": image_info,
-            "unet_evaluations": {"per_step": unet_evaluations_per_step(config), "total": unet_evaluations(config)},
+            "unet_evaluations": getattr(result, "unet_evaluations", None) or {
+                "per_step": unet_evaluations_per_step(config), "total": unet_evaluations(config)},
             "timings_s": timings,
             **({"null_text_iterations": np.asarray(result.null_text_iterations).tolist()}
                if getattr(result, "null_text_iterations", None) is not None else {}),

@@ -69,8 +69,14 @@ def resolve_model_path(path_or_id: str) -> str:
         ) from None
 
 
-def read_state_dict(component_dir: str, component: str) -> dict[str, np.ndarray]:
-    """All tensors of one component as numpy arrays (safetensors, sharded safetensors, or .bin via torch)."""
+def read_state_dict(component_dir: str, component: str, lazy: bool = False) -> dict[str, np.ndarray]:
+    """All tensors of one component as numpy arrays (safetensors, sharded safetensors, or .bin via torch).
+
+    ``lazy``: safetensors tensors as :class:`LazyTensor` handles instead, each read from disk when
+    ``np.asarray`` asks for it, so that a converter holds one PyTorch-layout tensor at a time
+    rather than the whole state dict beside the converted params.
+    """
+    load = _index_safetensors if lazy else _load_safetensors
     if not os.path.isdir(component_dir):
         raise CheckpointError(f"missing folder: {component_dir}")
     names = _WEIGHT_NAMES.get(component, ("diffusion_pytorch_model", "model"))
@@ -78,14 +84,14 @@ def read_state_dict(component_dir: str, component: str) -> dict[str, np.ndarray]
         single = os.path.join(component_dir, f"{name}.safetensors")
         index = single + ".index.json"
         if os.path.isfile(single):
-            return _load_safetensors(single)
+            return load(single)
         if os.path.isfile(index):
             shards = sorted(set(read_json(index).get("weight_map", {}).values()))
             if not shards:
                 raise CheckpointError(f"{index} has an empty weight_map")
             out: dict[str, np.ndarray] = {}
             for shard in shards:
-                out.update(_load_safetensors(os.path.join(component_dir, shard)))
+                out.update(load(os.path.join(component_dir, shard)))
             return out
     bins = [os.path.join(component_dir, f"{n}.bin") for n in names]
     bins = [b for b in bins if os.path.isfile(b)]
@@ -110,6 +116,66 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
             return _load_safetensors_bf16(path)
         raise CheckpointError(f"cannot read {path}: {e} (truncated or not a safetensors file?)") from None
     return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in raw.items()}
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class LazyTensor:
+    """One tensor of a safetensors file, read when converted to an array (float16 / bfloat16 come
+    back as float32, as :func:`_load_safetensors` gives them)."""
+
+    def __init__(self, path: str, key: str, dtype: str, shape: tuple, start: int, end: int):
+        self.path, self.key, self.dtype_name, self.shape, self.start, self.end = path, key, dtype, tuple(shape), start, end
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        if self.dtype_name == "BF16":
+            import ml_dtypes
+            raw_dtype = ml_dtypes.bfloat16
+        elif self.dtype_name in _SAFETENSORS_DTYPES:
+            raw_dtype = _SAFETENSORS_DTYPES[self.dtype_name]
+        else:
+            raise CheckpointError(f"{self.path}: tensor '{self.key}' has dtype {self.dtype_name}, which csg_jax cannot read")
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.start)
+                buf = f.read(self.end - self.start)
+            array = np.frombuffer(buf, dtype=raw_dtype).reshape(self.shape)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read tensor '{self.key}' of {self.path}: {e} (truncated file?)") from None
+        if self.dtype_name in ("F16", "BF16"):
+            array = array.astype(np.float32)
+        return array if dtype is None else array.astype(dtype)
+
+
+def _index_safetensors(path: str) -> dict[str, LazyTensor]:
+    """The header of a safetensors file as {key: LazyTensor}; checks that every tensor lies in the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"missing weight file: {path}")
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 0 < header_len <= size - 8:
+                raise ValueError(f"header length {header_len} does not fit the {size}-byte file")
+            header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        out = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            start, end = (base + int(o) for o in info["data_offsets"])
+            if end > size or start > end:
+                raise ValueError(f"tensor '{key}' ends at byte {end} of a {size}-byte file")
+            out[key] = LazyTensor(path, key, info["dtype"], info["shape"], start, end)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e} (truncated or not a safetensors file?)") from None
+    return out
 
 
 def _load_safetensors_bf16(path: str) -> dict[str, np.ndarray]:
@@ -153,9 +219,11 @@ def convert_component(
     source: str,
     ignore=(),
     dtype=None,
+    place=None,
 ) -> dict:
-    """Convert with a template from ``init_template()`` (an abstract param tree)."""
-    return state_dict_to_flax(state_dict, init_template(), source=source, ignore=ignore, dtype=dtype)
+    """Convert with a template from ``init_template()`` (an abstract param tree); ``place`` is
+    applied to each converted tensor as soon as it is ready (e.g. ``jnp.asarray``)."""
+    return state_dict_to_flax(state_dict, init_template(), source=source, ignore=ignore, dtype=dtype, place=place)
 
 
 def save_params_cache(cache_dir: str, params: dict, meta: dict) -> None:

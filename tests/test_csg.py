@@ -369,21 +369,83 @@ def test_image_sides_must_be_multiples_of_the_model_factor(pipe, shape):
 
 # --- 10: memory -------------------------------------------------------------------------------
 
-def test_peak_memory_does_not_grow_with_steps_beyond_latents(pipe, editor, csg_outputs, x_T, prompts):
-    """Temp memory of the compiled edit, 4 vs 8 steps: grows by at most two latents per extra step
-    (the source pass keeps x_t^src per step; no attention maps are stored per step)."""
-    def temp_bytes(ed):
-        stats = ed._edit.lower(pipe.params, x_T, prompts, knobs()).compile().memory_analysis()
-        if stats is None or not hasattr(stats, "temp_size_in_bytes"):
-            pytest.skip("memory_analysis() is not available on this backend")
-        return stats.temp_size_in_bytes
+def _temp_bytes(pipe, ed, x_T, prompts):
+    stats = ed._edit.lower(pipe.params, x_T, prompts, knobs()).compile().memory_analysis()
+    if stats is None or not hasattr(stats, "temp_size_in_bytes"):
+        pytest.skip("memory_analysis() is not available on this backend")
+    return stats.temp_size_in_bytes
 
-    temp4 = temp_bytes(editor)
+
+def test_peak_memory_does_not_grow_with_steps_beyond_latents(pipe, editor, csg_outputs, x_T, prompts):
+    """Temp memory of the compiled edit on the recompute path (no attention store), 4 vs 8 steps:
+    grows by at most two latents per extra step (the source pass keeps x_t^src per step; no
+    attention maps are stored per step)."""
+    _temp_bytes(pipe, editor, x_T, prompts)
     assert editor.trace_counts["edit"] == 1  # lowering reuses the program the edit already traced
-    temp8 = temp_bytes(get_editor(pipe, CONFIG.replace(num_steps=8), LATENT_HW))
+    flat = CONFIG.replace(max_attention_store_gb=0.0)
+    temp_bytes = lambda ed: _temp_bytes(pipe, ed, x_T, prompts)
+    temp4 = temp_bytes(get_editor(pipe, flat, LATENT_HW))
+    temp8 = temp_bytes(get_editor(pipe, flat.replace(num_steps=8), LATENT_HW))
     latent_bytes = x_T.size * x_T.dtype.itemsize
     assert temp8 - temp4 <= 4 * latent_bytes * 2, (temp4, temp8, latent_bytes)  # measured: 4 latents
     # for scale: storing one step of cross-attention maps (the official code), two CFG halves, even
     # with a single head, would take ~600 KB
     maps_per_step = sum(2 * l.resolution[0] * l.resolution[1] * 77 * 4 for l in editor.layers.cross_layers)
     assert 4 * latent_bytes * 2 < maps_per_step
+
+
+# --- the attention store: the source pass's cross-attention kept for the two-pass mixup ----------
+
+def test_stored_source_maps_give_the_recomputed_edit(pipe, editor, csg_outputs, x_T, prompts):
+    """The default (maps stored: 4 UNet evaluations per target step) and the recompute path (5)
+    evaluate the same UNet on the same inputs, only batched differently (batch 1 in the source
+    pass, 3 in the target's call): float32 rounding, which this random model's 4 steps amplify to
+    ~1e-5 of the latents' scale (measured 1.0e-5; maps one step off move the edit by 0.4 of it)."""
+    flat = CONFIG.replace(max_attention_store_gb=0.0)
+    assert editor.stores_source_maps(1) and not get_editor(pipe, flat, LATENT_HW).stores_source_maps(1)
+    recomputed = jax.tree.map(np.asarray, get_editor(pipe, flat, LATENT_HW).edit(x_T, prompts, flat))
+    for k in ("edited", "reconstruction", "mask", "mask_raw"):
+        scale = np.abs(recomputed[k]).max()
+        assert np.abs(csg_outputs[k] - recomputed[k]).max() <= 3e-5 * scale, k
+    assert editor.unet_evaluations(1)["per_step"]["target"] == 4
+    assert get_editor(pipe, flat, LATENT_HW).unet_evaluations(1)["per_step"]["target"] == 5
+
+
+def test_target_pass_with_the_reference_maps_is_the_recomputed_one(target_pass_fn, pipe, schedule, layer_plan, x_T,
+                                                                   prompts, reference_source):
+    """csg.target_pass reading stored maps (here: the reference source pass's recorded
+    probabilities, stacked per step) gives the edit of the recompute path."""
+    ref = reference_source
+    maps = {l.name: jnp.stack([p[l.name] for p in ref["probs"]]) for l in layer_plan.cross_layers}
+    stored = _source_result(ref)._replace(cross_maps=maps)
+    fn = jax.jit(lambda params, x, p, s, k: csg.target_pass(pipe, params, x, p, s, schedule, layer_plan, CONFIG, k))
+    with_maps = np.asarray(fn(pipe.params, x_T, prompts, stored, knobs()))
+    recomputed = target_pass_fn("csg")(x_T, prompts, _source_result(ref), knobs())
+    assert np.abs(with_maps - recomputed).max() <= 1e-5 * np.abs(recomputed).max()
+
+
+def test_attention_store_size_and_budget():
+    """Bytes per step of SD-1.5's cross-attention at 256 px (32x32 latents), from the architecture:
+    8 heads everywhere; 5 cross layers each at 32x32, 16x16 and 8x8 (2 down + 3 up), 1 at 4x4 (mid)."""
+    from csg_jax.models.unet import UNetConfig
+
+    plan = csg.plan_layers(UNetConfig(), (32, 32), 8)
+    per_step = 8 * 77 * 4 * (5 * 32 * 32 + 5 * 16 * 16 + 5 * 8 * 8 + 4 * 4)
+    assert per_step == 16_598_528  # the 16.6 MB of the speed issue
+    assert csg.source_maps_bytes(plan, 3, 10, jnp.float32) == 30 * per_step
+    assert csg.source_maps_bytes(plan, 1, 1, jnp.bfloat16) == per_step // 2
+    budget = lambda gb, **kw: csg.store_source_maps(EditConfig(num_steps=10, max_attention_store_gb=gb, **kw), plan, 1,
+                                                    jnp.float32)
+    assert budget(10 * per_step / 1e9) and not budget(10 * per_step / 1e9 - 1e-6) and not budget(0.0)
+    assert not budget(100.0, mixup="single-pass") and not budget(100.0, method="csg-no-mixup")
+    with pytest.raises(ConfigError):
+        EditConfig(max_attention_store_gb=-1)
+
+
+def test_stored_maps_memory_grows_by_the_maps(pipe, editor, x_T, prompts):
+    """With the store, temp memory grows per extra step by that step's maps (+ the latents)."""
+    temp4 = _temp_bytes(pipe, editor, x_T, prompts)
+    temp8 = _temp_bytes(pipe, get_editor(pipe, CONFIG.replace(num_steps=8), LATENT_HW), x_T, prompts)
+    maps = csg.source_maps_bytes(editor.layers, 1, 4, jnp.float32)
+    latent_bytes = x_T.size * x_T.dtype.itemsize
+    assert maps <= temp8 - temp4 <= maps + 4 * latent_bytes * 2, (temp4, temp8, maps)

@@ -234,3 +234,32 @@ def test_convert_round_trip(tiny_sd1_dir, tiny_sd1):
         np.testing.assert_array_equal(sd[k], on_disk[k], err_msg=k)
     back = state_dict_to_flax(sd, jax.eval_shape(lambda: params))
     _assert_trees_equal(back, params)
+
+
+def test_lazy_safetensors_read_tensor_by_tensor_and_truncation_is_reported(tmp_path):
+    """read_state_dict(lazy=True) gives handles that read each tensor when asked (float16 as
+    float32, like the eager reader); a file cut short fails with a message naming it."""
+    from csg_jax.weights import LazyTensor, read_state_dict
+
+    rs = np.random.RandomState(0)
+    tensors = {"a.weight": rs.randn(3, 4).astype(np.float32), "b.bias": rs.randn(5).astype(np.float16),
+               "c.ids": np.arange(6, dtype=np.int64).reshape(2, 3)}
+    comp = tmp_path / "unet"
+    comp.mkdir()
+    path = comp / "diffusion_pytorch_model.safetensors"
+    save_file(tensors, str(path))
+    lazy = read_state_dict(str(comp), "unet", lazy=True)
+    eager = read_state_dict(str(comp), "unet")
+    assert set(lazy) == set(tensors) and all(isinstance(v, LazyTensor) for v in lazy.values())
+    for k, v in tensors.items():
+        got = np.asarray(lazy[k])
+        assert got.dtype == eager[k].dtype and lazy[k].shape == v.shape
+        np.testing.assert_array_equal(got, eager[k])
+        np.testing.assert_array_equal(got, v.astype(np.float32) if v.dtype == np.float16 else v)
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])  # the last tensor's bytes are missing
+    with pytest.raises(CheckpointError, match="safetensors"):
+        read_state_dict(str(comp), "unet", lazy=True)
+    path.write_bytes(b"\x00" * 4)
+    with pytest.raises(CheckpointError, match=str(path.name)):
+        read_state_dict(str(comp), "unet", lazy=True)

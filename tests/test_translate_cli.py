@@ -69,7 +69,7 @@ def test_translate_writes_every_output_atomically(tmp_path):
     assert meta["model"]["source"] == shipped_model_dir() and meta["model"]["kind"] == "pixel"  # the default
     assert meta["prompts"]["target_prompt"] == "a red square on a blue background"
     assert meta["prompts"]["source_span"] == [3, 4]
-    assert meta["unet_evaluations"]["per_step"]["target"] == 5
+    assert meta["unet_evaluations"]["per_step"]["target"] == 4  # two-pass mixup, source maps stored
     # the saved inversion edits again without an image (invert once, edit many)
     rc = main(["--inversion", str(out / "inversion.npy"), "--prompt", "a red circle on a blue background",
                "--task", "red2green", "--steps", "3", "--out", str(tmp_path / "again"), "--quiet"])

@@ -46,6 +46,10 @@ class EditConfig:
     encode: str = "mean"  # VAE posterior "mean" (deterministic) or "sample" (official, seeded)
     mixup: str = "two-pass"  # official two UNet passes, or "single-pass" (mix live maps in one pass)
     dtype: str = "float32"
+    # CSG two-pass mixup: keep the source pass's cross-attention maps of every step (one UNet
+    # evaluation per step fewer) when they take at most this many GB per program, else recompute
+    # them (memory flat in the number of steps). 0: always recompute.
+    max_attention_store_gb: float = 4.0
     # -- Prompt-to-Prompt (method "p2p"; csg_jax/editing/p2p.py) --
     cross_replace_steps: float = 0.8  # fraction of steps whose target cross-attention is the source's
     self_replace_steps: float = 0.4  # fraction of steps whose coarse self-attention is the source's
@@ -72,6 +76,8 @@ class EditConfig:
             raise ConfigError(f"num_steps must be at least 3, got {self.num_steps}")
         if self.mask_res is not None and int(self.mask_res) < 1:
             raise ConfigError(f"mask_res must be positive, got {self.mask_res}")
+        if not float(self.max_attention_store_gb) >= 0:
+            raise ConfigError(f"max_attention_store_gb must be non-negative, got {self.max_attention_store_gb}")
         if self.delta <= 0:
             raise ConfigError(f"delta must be positive, got {self.delta}")
         for name in ("cross_replace_steps", "self_replace_steps", "blend_threshold", "blend_start"):
@@ -119,7 +125,7 @@ class EditConfig:
             raise ConfigError(f"{source}: unknown edit setting(s) {unknown}; known: {sorted(names)}")
         types = {"num_steps": int, "guidance_scale": float, "posterior_guidance": float, "delta": float, "seed": int,
                  "cross_replace_steps": float, "self_replace_steps": float, "blend_threshold": float,
-                 "blend_start": float, "equalizer_scale": float, "xa_guidance": float, "null_text_steps": int,
+                 "blend_start": float, "equalizer_scale": float, "max_attention_store_gb": float, "xa_guidance": float, "null_text_steps": int,
                  "local_blend": _bool, "noise_regularization": _bool}
         try:
             d = {k: (types[k](v) if k in types else v) for k, v in d.items()}

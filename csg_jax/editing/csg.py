@@ -8,10 +8,12 @@ Three scans over timesteps, each one ``lax.scan`` inside ``jit``:
    the finest up-block layer). Both CFG halves of the official code are identical here (the
    negative prompt *is* the source prompt), so one UNet evaluation per step suffices.
 3. :func:`target_pass`  x_T -> edit with cross-attention mixup (Eq. 13) and conditional score
-   guidance (Eq. 14-18). The source branch's attention maps needed for the mixup are
-   recomputed from the stored x_t^src in the same batched UNet call instead of being stored
-   for every step (the official code's gigabytes), so peak memory does not grow with the
-   number of steps beyond the (N, B, h, w, C) source latents.
+   guidance (Eq. 14-18). The mixup needs the source branch's cross-attention maps at every
+   step. Where they fit ``EditConfig.max_attention_store_gb`` (:func:`store_source_maps`; 16.6 MB
+   per step and image for SD-1.5 at 256 px in float32) the source pass keeps them and the
+   target pass evaluates the UNet 4 times per step; otherwise they are recomputed from the
+   stored x_t^src in the target's batched UNet call (5 evaluations per step), and peak memory
+   does not grow with the number of steps beyond the (N, B, h, w, C) source latents.
 
 Shapes: B images, latents (B, h, w, C), text contexts (B, 77, D), masks (B, h, w).
 """
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from csg_jax.editing.config import EditConfig
-from csg_jax.models.attention import AttentionControl, blend_probs
+from csg_jax.models.attention import AttentionControl, blend_probs, summarise_probs
 from csg_jax.models.unet import LayerInfo, attention_layers
 from csg_jax.resize import resize_2d
 from csg_jax.schedule import DDIMSchedule, ddim_transfer, gamma, inversion_plan, sampling_plan
@@ -88,6 +90,9 @@ class SourceResult(NamedTuple):
     trajectory: jax.Array  # (N, B, h, w, C) x_t^src before each step
     mask_raw: jax.Array  # (B, h, w) M: mean cross-attention mask, clamped to [0, 1]
     mask: jax.Array  # (B, h, w) M-hat = A . M (Eq. 11), the smoothed foreground mask
+    # {cross layer: (N, B, heads, Q, 77)} the source branch's cross-attention at each step, in the
+    # activation dtype; None where the target pass recomputes it (store_source_maps)
+    cross_maps: Optional[dict] = None
 
 
 class LayerPlan(NamedTuple):
@@ -143,17 +148,36 @@ def step_mask(records: dict, prompts: Prompts, layers: LayerPlan, latent_hw) -> 
     return resize_2d(m, tuple(latent_hw), "bicubic")
 
 
+def store_source_maps(config: EditConfig, layers: LayerPlan, batch: int, dtype) -> bool:
+    """Whether the source pass keeps its cross-attention maps for the two-pass mixup: only there
+    do they save an evaluation, and only if all steps' maps fit ``config.max_attention_store_gb``."""
+    if not (config.uses_mixup and config.mixup == "two-pass"):
+        return False
+    return source_maps_bytes(layers, batch, config.num_steps, dtype) <= config.max_attention_store_gb * 1e9
+
+
+def source_maps_bytes(layers: LayerPlan, batch: int, num_steps: int, dtype, tokens: int = 77) -> int:
+    """Bytes of every step's (B, heads, Q, tokens) cross-attention probabilities, all cross layers."""
+    per = sum(l.heads * l.resolution[0] * l.resolution[1] for l in layers.cross_layers)
+    return int(num_steps * batch * per * tokens * jnp.dtype(dtype).itemsize)
+
+
 def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, layers: LayerPlan,
-                uncond: Optional[jax.Array] = None, guidance_scale=None) -> SourceResult:
+                uncond: Optional[jax.Array] = None, guidance_scale=None, keep_maps: bool = False) -> SourceResult:
     """Reverse DDIM on the source prompt, recording what the mask and the guidance need.
 
     With ``uncond`` (N, B, 77, D), per-step negative contexts from null-text inversion, each step
     is classifier-free guided, eps(uncond_i) + g (eps(source) - eps(uncond_i)) (two UNet
     evaluations; the statistics come from the conditional half): the trajectory the null
-    embeddings were optimised to follow.
+    embeddings were optimised to follow. ``keep_maps``: also return every step's cross-attention
+    probabilities (``SourceResult.cross_maps``) for the two-pass mixup.
     """
     b, h, w, _ = x_T.shape
-    record = tuple((l.name, "token_mean") for l in layers.mask_layers) + ((layers.self_layer.name, "head_mean"),)
+    if keep_maps:  # full maps of every cross layer; the mask's token means are taken from them below
+        record = tuple((l.name, "probs") for l in layers.cross_layers)
+    else:
+        record = tuple((l.name, "token_mean") for l in layers.mask_layers)
+    record += ((layers.self_layer.name, "head_mean"),)
     control = AttentionControl(record=record, token_columns=prompts.source_columns)
     if uncond is not None:
         control = AttentionControl(record=record, token_columns=jnp.concatenate([prompts.source_columns] * 2))
@@ -168,18 +192,23 @@ def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, lay
                               jnp.concatenate([negative[0], prompts.source]), control)
             out = pair[:b] + per_image(guidance_scale) * (pair[b:] - pair[:b])
             rec = {k: v[b:] for k, v in rec.items()}
+        maps = None
+        if keep_maps:
+            maps = {l.name: rec[l.name] for l in layers.cross_layers}
+            rec = dict(rec, **{l.name: summarise_probs(rec[l.name], "token_mean", prompts.source_columns)
+                               for l in layers.mask_layers})
         nxt = ddim_transfer(out, carry.latent, a_t, a_prev, schedule.prediction_type)
         stats = SourceStats(
             nxt,
             carry.mask_sum + step_mask(rec, prompts, layers, (h, w)).astype(jnp.float32),
             carry.self_attn_sum + rec[layers.self_layer.name].astype(jnp.float32),
         )
-        return stats, carry.latent
+        return stats, (carry.latent, maps)
 
     q = layers.self_layer.resolution[0] * layers.self_layer.resolution[1]
     init = SourceStats(x_T.astype(jnp.float32), jnp.zeros((b, h, w)), jnp.zeros((b, q, q)))
     xs = (timesteps, alpha_t, alpha_prev) + (() if uncond is None else (uncond,))
-    final, trajectory = jax.lax.scan(step, init, xs)
+    final, (trajectory, cross_maps) = jax.lax.scan(step, init, xs)
     n = timesteps.shape[0]
     mask_raw = jnp.clip(final.mask_sum / n, 0.0, 1.0)
     self_attn = final.self_attn_sum / n
@@ -189,7 +218,7 @@ def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, lay
     else:  # finest self-attention coarser than the latent (not SD): smooth at its resolution
         coarse = resize_2d(mask_raw, (sh, sw), "bilinear").reshape(b, sh * sw)
         mask = resize_2d(jnp.einsum("bpj,bj->bp", self_attn, coarse).reshape(b, sh, sw), (h, w), "bicubic")
-    return SourceResult(final.latent, trajectory, mask_raw, mask)
+    return SourceResult(final.latent, trajectory, mask_raw, mask, cross_maps)
 
 
 def mixup_weights(mask: jax.Array, layers: LayerPlan) -> dict:
@@ -237,8 +266,9 @@ def target_pass(pipe, params, x_T, prompts: Prompts, source: SourceResult, sched
             )
         record_all = AttentionControl(record=tuple((l.name, "probs") for l in layers.cross_layers))
 
-    def model_output(x_tgt, x_src, t, negative=None):
-        """CFG output of the target branch (Eq. 13 mixup when enabled)."""
+    def model_output(x_tgt, x_src, t, negative=None, src_maps=None):
+        """CFG output of the target branch (Eq. 13 mixup when enabled). ``src_maps``: this step's
+        stored source cross-attention {name: (B, heads, Q, 77)}, or None to recompute it."""
         pair_x = jnp.concatenate([x_tgt, x_tgt])
         if negative is not None:  # this step's null-text embedding
             pair_ctx = jnp.concatenate([negative, prompts.target])
@@ -251,25 +281,30 @@ def target_pass(pipe, params, x_T, prompts: Prompts, source: SourceResult, sched
             out, _ = _unet(pipe, params, jnp.concatenate([x_src, pair_x]), t, triple_ctx, live_mix)
             out = out[b:]
         else:  # two-pass (official): record live maps, mix with the source branch's, run again
-            _, rec = _unet(pipe, params, jnp.concatenate([x_src, pair_x]), t, triple_ctx, record_all)
+            if src_maps is None:  # the source branch evaluated beside the pair (batch 3B)
+                _, rec = _unet(pipe, params, jnp.concatenate([x_src, pair_x]), t, triple_ctx, record_all)
+                live, src_maps = {k: p[b:] for k, p in rec.items()}, {k: p[:b] for k, p in rec.items()}
+            else:  # the source pass's maps at this step: same input, same UNet, one evaluation fewer
+                _, live = _unet(pipe, params, pair_x, t, pair_ctx, record_all)
             inject = {
-                name: blend_probs(p[b:], jnp.concatenate([p[:b], p[:b]]), pair_weights[name], pair_cols)
-                for name, p in rec.items()
+                name: blend_probs(p, jnp.concatenate([src_maps[name], src_maps[name]]), pair_weights[name], pair_cols)
+                for name, p in live.items()
             }
             out, _ = _unet(pipe, params, pair_x, t, pair_ctx, AttentionControl(inject=inject))
         uncond, cond = out[:b], out[b:]
         return uncond + guidance_scale * (cond - uncond)
 
     def step(x_tgt, xs):
-        i, t, a_t, a_prev, x_src, *negative = xs
-        out = model_output(x_tgt, x_src, t, negative[0] if negative else None)
+        i, t, a_t, a_prev, x_src, src_maps, *negative = xs
+        out = model_output(x_tgt, x_src, t, negative[0] if negative else None, src_maps)
         x_prev = ddim_transfer(out, x_tgt, a_t, a_prev, schedule.prediction_type)
         if config.uses_guidance:  # Eq. 14-18: pull the background toward the source trajectory
             omega = posterior_guidance * background * guidance_gate(i, n, background, delta)
             x_prev = x_prev - gamma(a_t, a_prev) * omega * (x_tgt - x_src)
         return x_prev, None
 
-    xs = (jnp.arange(n), timesteps, alpha_t, alpha_prev, source.trajectory) + (() if uncond is None else (uncond,))
+    xs = (jnp.arange(n), timesteps, alpha_t, alpha_prev, source.trajectory, source.cross_maps)
+    xs += () if uncond is None else (uncond,)
     edited, _ = jax.lax.scan(step, x_T.astype(jnp.float32), xs)
     return edited
 
@@ -277,8 +312,11 @@ def target_pass(pipe, params, x_T, prompts: Prompts, source: SourceResult, sched
 BACKWARD_COST = 2  # a backward pass through the UNet counted as ~2 forward evaluations (reverse mode)
 
 
-def unet_evaluations_per_step(config: EditConfig) -> dict:
+def unet_evaluations_per_step(config: EditConfig, stored_maps: bool = False) -> dict:
     """UNet image-evaluations per image per step of each phase (for benchmarks and meta.json).
+
+    ``stored_maps``: the two-pass mixup reads the source pass's stored cross-attention maps
+    (:func:`store_source_maps`) instead of re-evaluating the source branch.
 
     A gradient (forward + backward through the UNet) counts as 1 + BACKWARD_COST evaluations.
     P2P's "source" is its source branch, evaluated in the target's batched call. "null_text"
@@ -296,15 +334,15 @@ def unet_evaluations_per_step(config: EditConfig) -> dict:
     else:
         target = {"ddim": 2, "csg-no-mixup": 2}.get(config.method)
         if target is None:
-            target = 3 if config.mixup == "single-pass" else 5
+            target = 3 if config.mixup == "single-pass" else (4 if stored_maps else 5)
         per = {"inversion": 1, "source": cfg_source, "target": target}
     if null:
         per["null_text"] = 2 + grad * int(config.null_text_steps)
     return per
 
 
-def unet_evaluations(config: EditConfig) -> int:
-    per = unet_evaluations_per_step(config)
+def unet_evaluations(config: EditConfig, stored_maps: bool = False) -> int:
+    per = unet_evaluations_per_step(config, stored_maps)
     n = config.num_steps
     inv = n - 2 if config.inversion == "official" else n
     return per["inversion"] * inv + sum(v for k, v in per.items() if k != "inversion") * n

@@ -249,7 +249,9 @@ class Editor:
         if method == "p2p":
             return p2p.edit(self.pipe, params, x_T, prompts, self.schedule, self.p2p_layers, self.config, knobs,
                             extra_knobs, uncond)
-        source = csg.source_pass(self.pipe, params, x_T, prompts, self.schedule, self.layers, uncond, knobs.guidance_scale)
+        keep = method == "csg" and self.stores_source_maps(x_T.shape[0])
+        source = csg.source_pass(self.pipe, params, x_T, prompts, self.schedule, self.layers, uncond, knobs.guidance_scale,
+                                 keep_maps=keep)
         if method == "pix2pix-zero":
             edited = pix2pix_zero.target_pass(self.pipe, params, x_T, prompts, source, self.schedule, self.layers, knobs,
                                               extra_knobs, uncond)
@@ -263,6 +265,17 @@ class Editor:
         return self.pipe.decode(params, latents)
 
     # -- public -----------------------------------------------------------------------------------
+    def stores_source_maps(self, batch: int) -> bool:
+        """Whether an edit of ``batch`` images keeps the source pass's cross-attention maps (one UNet
+        evaluation per step fewer) instead of recomputing them: :func:`csg.store_source_maps`."""
+        return csg.store_source_maps(self.config, self.layers, batch, self.pipe.unet.dtype)
+
+    def unet_evaluations(self, batch: int = 1) -> dict:
+        """{"per_step": {phase: evaluations per image}, "total": per image} of this editor's edits."""
+        stored = self.stores_source_maps(batch)
+        return {"per_step": csg.unet_evaluations_per_step(self.config, stored),
+                "total": csg.unet_evaluations(self.config, stored)}
+
     def encode(self, images, sample_seed: Optional[int] = None):
         """(B, H, W, 3) in [-1, 1] -> scaled latents; posterior mean unless ``sample_seed`` is given."""
         rng = None if sample_seed is None else jax.random.PRNGKey(sample_seed)
@@ -329,6 +342,7 @@ class EditResult:
     timings: dict
     null_embeddings: Optional[np.ndarray] = None  # (N, 77, D) per-step negative embeddings (null-text)
     null_text_iterations: Optional[np.ndarray] = None  # (N,) Adam steps per timestep
+    unet_evaluations: Optional[dict] = None  # Editor.unet_evaluations: {"per_step": {...}, "total": n}
 
 
 def image_multiple(pipe) -> int:
@@ -414,4 +428,5 @@ def translate_image(pipe, image=None, prompt: str = "", task: Optional[str] = No
         timings=timings,
         null_embeddings=None if uncond is None else np.asarray(uncond[:, 0]),
         null_text_iterations=iterations,
+        unet_evaluations=editor.unet_evaluations(1),
     )

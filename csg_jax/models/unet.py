@@ -150,6 +150,7 @@ class LayerInfo(NamedTuple):
     name: str  # e.g. "up_blocks.3.attentions.2.transformer_blocks.0.attn1"
     kind: str  # "self" | "cross"
     resolution: tuple[int, int]  # (h, w) of the layer's feature map
+    heads: int = 0  # attention heads of the layer
 
 
 def attention_layers(config: UNetConfig, latent_hw: tuple[int, int]) -> list[LayerInfo]:
@@ -159,20 +160,20 @@ def attention_layers(config: UNetConfig, latent_hw: tuple[int, int]) -> list[Lay
     res = lambda level: (math.ceil(h / 2**level), math.ceil(w / 2**level))
     out: list[LayerInfo] = []
 
-    def add(prefix, count, level):
+    def add(prefix, count, level, heads):
         for a in range(count):
             for tb in range(config.transformer_layers_per_block):
                 base = f"{prefix}.attentions.{a}.transformer_blocks.{tb}"
-                out.append(LayerInfo(base + ".attn1", "self", res(level)))
-                out.append(LayerInfo(base + ".attn2", "cross", res(level)))
+                out.append(LayerInfo(base + ".attn1", "self", res(level), heads))
+                out.append(LayerInfo(base + ".attn2", "cross", res(level), heads))
 
     for i, t in enumerate(config.down_block_types):
         if t == _CROSS_DOWN:
-            add(f"down_blocks.{i}", config.layers_per_block, i)
-    add("mid_block", 1, n - 1)
+            add(f"down_blocks.{i}", config.layers_per_block, i, config.attention_head_dim[i])
+    add("mid_block", 1, n - 1, config.attention_head_dim[-1])
     for j, t in enumerate(config.up_block_types):
         if t == _CROSS_UP:
-            add(f"up_blocks.{j}", config.layers_per_block + 1, n - 1 - j)
+            add(f"up_blocks.{j}", config.layers_per_block + 1, n - 1 - j, config.attention_head_dim[n - 1 - j])
     return out
 
 
