@@ -7,7 +7,12 @@ For each model and method it compiles the encode / invert / edit / decode functi
 separately), then times full edits (inversion included) and reports:
 
 * ``s_per_image``: wall time per image after compilation (median of ``--repeats``);
-* ``unet_evals``: UNet image-evaluations per image, and ``s_per_unet_eval``;
+* ``unet_evals``: UNet image-evaluations per image (CSG: 4 per target step where the source maps
+  are stored, ``source_maps_stored``; 5 where they are recomputed), and ``s_per_unet_eval``;
+* ``pct_of_flop_limit``: UNet GFLOP per evaluation (XLA cost analysis) / s_per_unet_eval over
+  ``--peak-gflops`` (the whole edit's time counted as UNet time: VAE and bookkeeping included);
+* ``peak_rss_gb_so_far``: the process's peak resident memory after the row (monotone: run one
+  method per process for a per-method figure);
 * ``bookkeeping_overhead``: (s_per_unet_eval of the method / s_per_unet_eval of ddim) - 1, the
   cost of attention recording, mixing and mask statistics relative to the UNet work
   (target: <= 0.15);
@@ -46,7 +51,9 @@ from csg_jax.editing.editor import Editor, batch_prompts, method_knobs, plan_pro
 METHODS = {
     "ddim": dict(method="ddim"),
     "csg-no-mixup": dict(method="csg-no-mixup"),
-    "csg": dict(method="csg"),
+    "csg": dict(method="csg"),  # two-pass mixup (official); source maps stored where they fit the budget
+    "csg-recompute": dict(method="csg", max_attention_store_gb=0.0),  # same, maps recomputed (memory flat in steps)
+    "csg-official-inversion": dict(method="csg", inversion="official"),  # + the authors' N-2 step inversion
     "csg-single-pass": dict(method="csg", mixup="single-pass"),
     "p2p": dict(method="p2p"),  # the paper's comparison setting (cost does not depend on the guidance)
     "pix2pix-zero": dict(method="pix2pix-zero"),  # backprop through the UNet counted as 2 evaluations
@@ -117,18 +124,38 @@ def bench_method(pipe, image, plan, config: EditConfig, repeats: int, batch: int
         times.append(t4 - t0)
         phase = {"encode_s": t1 - t0, "invert_s": t2 - t1, "edit_s": t3 - t2, "decode_s": t4 - t3}
     s = statistics.median(times) / batch
-    evals = csg.unet_evaluations(config)
+    counts = editor.unet_evaluations(batch)
+    evals = counts["total"]
     row = {
         "s_per_image": s,
         "compile_s": compile_s,
         "unet_evals": evals,
-        "unet_evals_per_step": csg.unet_evaluations_per_step(config),
+        "unet_evals_per_step": counts["per_step"],
+        "source_maps_stored": editor.stores_source_maps(batch),
         "s_per_unet_eval": s / evals,
         "images_per_s": 1.0 / s,
         "last_phase_times_s": phase,
+        "peak_rss_gb_so_far": _peak_rss_gb(),
         **peak_bytes(c_edit),
     }
     return row, np.asarray(out["edited"])
+
+
+def _peak_rss_gb() -> float:
+    """This process's peak resident memory so far (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def unet_gflop(pipe, latent_hw, dtype) -> float:
+    """GFLOP of one UNet image-evaluation, from XLA's cost analysis of a batch-1 call."""
+    x = jax.ShapeDtypeStruct((1, *latent_hw, pipe.unet.config.in_channels), dtype)
+    ctx = jax.ShapeDtypeStruct((1, 77, pipe.unet.config.cross_attention_dim), dtype)
+    fn = jax.jit(lambda p, x, c: pipe.unet.apply({"params": p}, x, jnp.int32(500), c)[0])
+    ca = fn.lower(pipe.params["unet"], x, ctx).compile().cost_analysis()
+    ca = ca[0] if isinstance(ca, list) else ca
+    return float(ca.get("flops", 0.0)) / 1e9
 
 
 def bench_dataset(args) -> dict:
@@ -202,6 +229,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activation dtype")
     p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--json", default="benchmark.json")
+    p.add_argument("--peak-gflops", type=float, default=190.0,
+                   help="the machine's FLOP limit for %% of limit (default: 2 Zen-4 cores in float32, ~190 GFLOP/s)")
+    p.add_argument("--save-edits", metavar="NPZ", help="also write every method's edited latents (to compare runs)")
     p.add_argument("--dataset", action="store_true",
                    help="dataset mode: images/s of `translate --manifest` runs (csg_jax/dataset.py) per --batch-sizes")
     p.add_argument("--batch-sizes", default="1,2,4,8", help="dataset mode: images per device per step")
@@ -224,9 +254,12 @@ def main(argv=None):
         rng = np.random.RandomState(0)
         image = rng.uniform(-1, 1, (1, size, size, 3)).astype(np.float32)
         plan = plan_prompts(pipe, "a photo of a cat on the grass", task="cat2dog")
-        print(f"\n{model}: {size}px, built in {time.perf_counter() - t0:.1f}s")
-        print(f"{'method':<22}{'s/image':>10}{'img/s':>8}{'compile s':>11}{'UNet evals':>12}{'s/eval':>10}{'':>10}"
-              f"{'peak MB':>10}")
+        gflop = unet_gflop(pipe, (size // pipe.downsample,) * 2, dtype)
+        print(f"\n{model}: {size}px, built in {time.perf_counter() - t0:.1f}s; one UNet evaluation: {gflop:.1f} GFLOP "
+              f"(XLA cost analysis); FLOP limit {args.peak_gflops:.0f} GFLOP/s")
+        report["unet_gflop_per_eval"] = gflop
+        print(f"{'method':<24}{'s/image':>10}{'compile s':>11}{'UNet evals':>12}{'s/eval':>10}{'% limit':>9}"
+              f"{'XLA MB':>9}{'RSS GB':>8}")
         rows, edits = {}, {}
         report["results"][model] = {"size": size, **rows}
         for batch in batches:
@@ -235,11 +268,13 @@ def main(argv=None):
                 key = name if len(batches) == 1 else f"{name}@b{batch}"
                 row, edit = bench_method(pipe, image, plan, config, args.repeats, batch)
                 row["batch"] = batch
+                row["pct_of_flop_limit"] = 100.0 * gflop / row["s_per_unet_eval"] / args.peak_gflops
                 rows[key], edits[key] = row, edit
                 peak = row.get("device_peak_bytes") or (row.get("compiled_temp_bytes", 0)
                                                         + row.get("compiled_argument_bytes", 0))
-                print(f"{key:<22}{row['s_per_image']:>10.3f}{row['images_per_s']:>8.2f}{row['compile_s']:>11.1f}"
-                      f"{row['unet_evals']:>12}{row['s_per_unet_eval']:>10.4f}{'':>10}{peak / 2**20:>10.0f}", flush=True)
+                print(f"{key:<24}{row['s_per_image']:>10.2f}{row['compile_s']:>11.1f}{row['unet_evals']:>12}"
+                      f"{row['s_per_unet_eval']:>10.3f}{row['pct_of_flop_limit']:>8.0f}%{peak / 2**20:>9.0f}"
+                      f"{row['peak_rss_gb_so_far']:>8.1f}", flush=True)
                 report["results"][model] = {"size": size, **rows}
                 _write_json(args.json, report)  # after every row: a run cut off keeps what it measured
         for key, row in rows.items():  # relative to ddim at the same batch, wherever it came in the order
@@ -258,6 +293,8 @@ def main(argv=None):
             rows["single_pass_vs_two_pass"] = {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "mean_abs_latent": scale}
             print(f"single-pass vs two-pass edit latents: mean |diff| {d.mean():.4f} (max {d.max():.4f}; mean |latent| {scale:.3f})")
         report["results"][model] = {"size": size, **rows}
+        if args.save_edits:
+            io.atomic_write(args.save_edits, lambda f: np.savez(f, **{f"{model}/{k}": v for k, v in edits.items()}))
         del pipe
     _write_json(args.json, report)
     print(f"\nwrote {args.json}")

@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from csg_jax.models.precision import Dense, is_half
+
 RECORD_KINDS = ("probs", "head_mean", "token_mean")
 LOGITS_BUDGET = 2**28  # attention-score elements computed at once (1 GiB in float32) before chunking
 
@@ -125,7 +127,7 @@ class Attention(nn.Module):
     def __call__(self, x, context=None, control: Optional[AttentionControl] = None):
         """x: (B, Q, C); context: (B, T, D) or None (self-attention). Returns (out, record|None)."""
         inner = self.heads * self.head_dim
-        dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        dense = lambda n, bias, name: Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         is_cross = context is not None
         context = x if context is None else context
         b, q_len, _ = x.shape
@@ -153,7 +155,9 @@ class Attention(nn.Module):
                 rec = None
                 if kind is not None:
                     rec = summarise_probs(live if control.record_live else probs, kind, control.token_columns)
-                return jnp.einsum("bnqt,btnd->bqnd", probs.astype(v.dtype), v), rec
+                out = jnp.einsum("bnqt,btnd->bqnd", probs.astype(v.dtype), v,
+                                 preferred_element_type=jnp.float32 if is_half(v.dtype) else None)
+                return out.astype(v.dtype), rec
 
             row_args = ((q, 1), (control.mix.get(name), 1), (control.inject.get(name), 2))
             out_axes = (1, 2 if kind == "probs" else 1)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from csg_jax.errors import ConfigError
+from csg_jax.models.precision import Dense
 
 # Checkpoint buffers that are not parameters: pass as ``state_dict_to_flax(..., ignore=IGNORE_KEYS)``.
 IGNORE_KEYS = (r"position_ids$",)
@@ -103,7 +104,7 @@ class CLIPAttention(nn.Module):
         B, T, C = x.shape
         H = cfg.num_attention_heads
         D = C // H
-        dense = lambda name: nn.Dense(C, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        dense = lambda name: Dense(C, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         q = dense("q_proj")(x).reshape(B, T, H, D)
         k = dense("k_proj")(x).reshape(B, T, H, D)
         v = dense("v_proj")(x).reshape(B, T, H, D)
@@ -127,9 +128,9 @@ class CLIPMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        x = nn.Dense(cfg.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+        x = Dense(cfg.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
         x = _ACTIVATIONS[cfg.hidden_act](x)
-        return nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+        return Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
 
 
 def _layer_norm(cfg: CLIPTextConfig, dtype: Any, param_dtype: Any, name: str) -> nn.LayerNorm:

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 
 from csg_jax.errors import ConfigError
 from csg_jax.models.attention import Attention, AttentionControl
+from csg_jax.models.conv import Conv
+from csg_jax.models.precision import Dense
 
 _CROSS_DOWN = "CrossAttnDownBlock2D"
 _PLAIN_DOWN = "DownBlock2D"
@@ -202,14 +204,14 @@ class ResnetBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x, temb):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv = lambda name: nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), name=name, **kw)
+        conv = lambda name: Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), name=name, **kw)
         h = nn.silu(_group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "norm1")(x))
         h = conv("conv1")(h)
-        h = h + nn.Dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
+        h = h + Dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))[:, None, None, :]
         h = nn.silu(_group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "norm2")(h))
         h = conv("conv2")(h)
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), name="conv_shortcut", **kw)(x)
+            x = Conv(self.out_channels, (1, 1), name="conv_shortcut", **kw)(x)
         return x + h
 
 
@@ -228,11 +230,11 @@ class FeedForward(nn.Module):
         class _GEGLU(nn.Module):
             @nn.compact
             def __call__(s, x):
-                h, gate = jnp.split(nn.Dense(2 * inner, name="proj", **kw)(x), 2, axis=-1)
+                h, gate = jnp.split(Dense(2 * inner, name="proj", **kw)(x), 2, axis=-1)
                 return h * jax.nn.gelu(gate, approximate=False)
 
         x = _GEGLU(name="net_0")(x)
-        return nn.Dense(self.dim, name="net_2", **kw)(x)
+        return Dense(self.dim, name="net_2", **kw)(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -276,9 +278,9 @@ class Transformer2DModel(nn.Module):
         residual = x
         x = _group_norm(self.config.norm_num_groups, 1e-6, self.dtype, self.param_dtype, "norm")(x)
         if self.config.use_linear_projection:
-            x = nn.Dense(c, name="proj_in", **kw)(x.reshape(b, h * w, c))
+            x = Dense(c, name="proj_in", **kw)(x.reshape(b, h * w, c))
         else:
-            x = nn.Conv(c, (1, 1), name="proj_in", **kw)(x).reshape(b, h * w, c)
+            x = Conv(c, (1, 1), name="proj_in", **kw)(x).reshape(b, h * w, c)
         records = {}
         for i in range(self.config.transformer_layers_per_block):
             x, rec = BasicTransformerBlock(
@@ -286,9 +288,9 @@ class Transformer2DModel(nn.Module):
                 name=f"transformer_blocks_{i}", **kw)(x, context, control)
             records.update(rec)
         if self.config.use_linear_projection:
-            x = nn.Dense(c, name="proj_out", **kw)(x).reshape(b, h, w, c)
+            x = Dense(c, name="proj_out", **kw)(x).reshape(b, h, w, c)
         else:
-            x = nn.Conv(c, (1, 1), name="proj_out", **kw)(x.reshape(b, h, w, c))
+            x = Conv(c, (1, 1), name="proj_out", **kw)(x.reshape(b, h, w, c))
         return x + residual, records
 
 
@@ -314,7 +316,7 @@ class UNet2DConditionModel(nn.Module):
 
         records: dict = {}
 
-        h = nn.Conv(ch[0], (3, 3), padding=((1, 1), (1, 1)), name="conv_in", **kw)(sample)
+        h = Conv(ch[0], (3, 3), padding=((1, 1), (1, 1)), name="conv_in", **kw)(sample)
         skips = [h]
         for i, block_type in enumerate(cfg.down_block_types):
             block = DownBlock(ch[i], cfg.attention_head_dim[i], i < n - 1, block_type == _CROSS_DOWN,
@@ -337,7 +339,7 @@ class UNet2DConditionModel(nn.Module):
             records.update(rec)
 
         h = nn.silu(_group_norm(groups, eps, self.dtype, self.param_dtype, "conv_norm_out")(h))
-        h = nn.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), name="conv_out", **kw)(h)
+        h = Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), name="conv_out", **kw)(h)
         return h, {k: v for k, v in records.items() if v is not None}
 
 
@@ -349,8 +351,8 @@ class TimestepEmbedding(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.Dense(self.dim, name="linear_1", **kw)(x)
-        return nn.Dense(self.dim, name="linear_2", **kw)(nn.silu(x))
+        x = Dense(self.dim, name="linear_1", **kw)(x)
+        return Dense(self.dim, name="linear_2", **kw)(nn.silu(x))
 
 
 class DownBlock(nn.Module):
@@ -438,7 +440,7 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, h):
-        return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name="conv",
+        return Conv(self.channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name="conv",
                        dtype=self.dtype, param_dtype=self.param_dtype)(h)
 
 
@@ -450,5 +452,5 @@ class Upsample(nn.Module):
     @nn.compact
     def __call__(self, h):
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest, like F.interpolate(scale_factor=2)
-        return nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), name="conv",
+        return Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), name="conv",
                        dtype=self.dtype, param_dtype=self.param_dtype)(h)

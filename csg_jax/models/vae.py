@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from csg_jax.errors import CheckpointError, ConfigError
+from csg_jax.models.conv import Conv
+from csg_jax.models.precision import Dense
 
 Dtype = Any
 
@@ -246,10 +248,10 @@ def _group_norm(groups: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.
     )
 
 
-def _conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, padding: Any = None, strides: int = 1) -> nn.Conv:
+def _conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, padding: Any = None, strides: int = 1) -> Conv:
     if padding is None:
         padding = ((kernel // 2, kernel // 2),) * 2
-    return nn.Conv(
+    return Conv(
         features,
         (kernel, kernel),
         strides=(strides, strides),
@@ -294,7 +296,7 @@ class VAEAttention(nn.Module):
         b, hgt, wid, c = x.shape
         h = _group_norm(self.groups, self.dtype, self.param_dtype, "group_norm")(x)
         h = h.reshape(b, hgt * wid, c)
-        dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
+        dense = lambda name: Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
         q = dense("to_q")(h)
         k = dense("to_k")(h)
         v = dense("to_v")(h)
