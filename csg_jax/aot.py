@@ -96,6 +96,8 @@ def deviceless_environment() -> None:
     # libtpu locks /tmp/libtpu_lockfile against a second process using the chips; compile-only
     # processes use none, so several may run side by side
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # the host traces for an accelerator: convolutions as XLA's, not the CPU lowering (models/conv.py)
+    os.environ.setdefault("CSG_JAX_CONV", "xla")
 
 
 def target_devices(target: Target, count: int = 1) -> list:

@@ -11,13 +11,14 @@ own convolution is the faster one (32x32x960: 149 vs 69 GFLOP/s). So, on the CPU
   im2col + one matrix product;
 * the rest keeps XLA's convolution.
 
-GPU and TPU programs always use XLA's convolution (``lax.platform_dependent`` picks at lowering,
-so deviceless compiles for an accelerator are unaffected). The results differ from XLA's
+GPU and TPU programs always use XLA's convolution (:func:`cpu_lowering`; deviceless compiles for
+an accelerator set ``CSG_JAX_CONV=xla``). The results differ from XLA's
 convolution by float32 rounding of the reordered sums only (~1e-6 relative).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -64,12 +65,18 @@ def _cpu_conv(x, kernel, strides, padding):
     return _xla_conv(x, kernel, strides, padding)
 
 
+def cpu_lowering() -> bool:
+    """Whether convolutions take the CPU lowering: tracing for the CPU backend, unless
+    ``CSG_JAX_CONV=xla`` (set by :func:`csg_jax.aot.deviceless_environment`, whose host traces for
+    an accelerator). Decided at trace time rather than with ``lax.platform_dependent``: a
+    platform switch would make gradients keep the residuals of both lowerings."""
+    return os.environ.get("CSG_JAX_CONV", "auto") != "xla" and jax.default_backend() == "cpu"
+
+
 def conv2d(x, kernel, strides=(1, 1), padding: Padding = ((0, 0), (0, 0))):
     """NHWC x (B, H, W, Cin), HWIO kernel (kh, kw, Cin, Cout), explicit padding -> (B, Ho, Wo, Cout)."""
     strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
-    return jax.lax.platform_dependent(
-        x, kernel, cpu=lambda x, k: _cpu_conv(x, k, strides, padding),
-        default=lambda x, k: _xla_conv(x, k, strides, padding))
+    return (_cpu_conv if cpu_lowering() else _xla_conv)(x, kernel, strides, padding)
 
 
 class Conv(nn.Module):
