@@ -179,23 +179,8 @@ def _index_safetensors(path: str) -> dict[str, LazyTensor]:
 
 
 def _load_safetensors_bf16(path: str) -> dict[str, np.ndarray]:
-    """numpy has no bfloat16; read through ml_dtypes (a jax dependency)."""
-    import ml_dtypes
-
-    out = {}
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        base = 8 + header_len
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            f.seek(base + start)
-            buf = f.read(end - start)
-            dt = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "I64": np.int64}[info["dtype"]]
-            out[key] = np.frombuffer(buf, dtype=dt).reshape(info["shape"]).astype(np.float32)
-    return out
+    """numpy has no bfloat16: every tensor through :class:`LazyTensor` (ml_dtypes), as float32."""
+    return {key: np.asarray(t).astype(np.float32) for key, t in _index_safetensors(path).items()}
 
 
 def _load_torch_bin(path: str) -> dict[str, np.ndarray]:
