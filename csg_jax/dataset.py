@@ -607,7 +607,7 @@ class DatasetRun:
         x = to_model_range(image)
         plan = plan_prompts(self.pipe, item.prompt, item.task, item.target_prompt, item.source_word,
                             config.negative_prompt)
-        prompts = batch_prompts(self.pipe, [plan], config.equalizer_words)
+        prompts = batch_prompts(self.pipe, [plan], config.equalizer_words, config.token_alignment)
         if config.method == "pix2pix-zero":
             from csg_jax.editing import pix2pix_zero
 

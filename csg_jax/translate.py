@@ -131,6 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--self-replace-steps", type=float, help="p2p: fraction of steps with the source's coarse self-attention (0.4)")
     b.add_argument("--local-blend", action="store_true", help="p2p: LocalBlend, keep the source outside the words' maps")
     b.add_argument("--blend-threshold", type=float, help="p2p: LocalBlend threshold (0.3)")
+    b.add_argument("--blend-start", type=float,
+                   help="p2p: LocalBlend acts from this fraction of the steps on (0.2, the null-text notebook; "
+                        "the stable notebook: 0)")
+    b.add_argument("--self-replace-layers", choices=["null-text", "stable", "scaled"],
+                   help="p2p: self-attention layers replaced: <= 32x32 query pixels (null-text notebook, default), "
+                        "<= 16x16 (stable notebook) or <= (latent/4)^2 (scaled with the image)")
+    b.add_argument("--blend-layers", choices=["released", "resolution"],
+                   help="p2p LocalBlend maps: the released layer set read as 16x16 maps (default), or the cross "
+                        "layers at latent/4 resolution")
+    b.add_argument("--blend-maps", choices=["released", "own"],
+                   help="p2p LocalBlend target-word map: after replacement, as the released code (default), or the "
+                        "target's own attention (the paper's description)")
+    b.add_argument("--token-alignment", choices=["released", "similarity"],
+                   help="p2p: target columns read the source's by seq_aligner's word-swap / refinement mapper "
+                        "(default) or by CSG's embedding-similarity matching")
     b.add_argument("--equalizer-words", help="p2p: target-prompt words to re-weight (default: the target words)")
     b.add_argument("--equalizer-scale", type=float, help="p2p: factor on their cross-attention (1: off)")
     b.add_argument("--xa-guidance", type=float, help="pix2pix-zero: cross-attention guidance step (0.1)")
@@ -167,7 +182,8 @@ def edit_config_from_args(args):
     config = EditConfig.from_yaml(args.config) if args.config else EditConfig.for_method(args.method or "csg")
     if getattr(args, "null_text", False):
         args.inversion_variant = "null-text"
-    baseline = ("null_text_steps", "cross_replace_steps", "self_replace_steps", "blend_threshold", "equalizer_words",
+    baseline = ("null_text_steps", "cross_replace_steps", "self_replace_steps", "blend_threshold", "blend_start",
+                "self_replace_layers", "blend_layers", "blend_maps", "token_alignment", "equalizer_words",
                 "equalizer_scale", "xa_guidance", "source_sentences", "target_sentences")
     flags = {name: getattr(args, name, None) for name in baseline}
     flags.update({name: True for name in ("local_blend", "noise_regularization") if getattr(args, name, False)})

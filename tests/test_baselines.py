@@ -134,7 +134,8 @@ def test_p2p_step_counts_follow_p2p_rounding():
 
 
 def test_p2p_layers_scale_with_the_latent(pipe):
-    plan = p2p.plan_layers(pipe.unet.config, LATENT_HW, csg.plan_layers(pipe.unet.config, LATENT_HW, 4))
+    scaled = EditConfig(method="p2p", self_replace_layers="scaled", blend_layers="resolution")
+    plan = p2p.plan_layers(pipe.unet.config, LATENT_HW, csg.plan_layers(pipe.unet.config, LATENT_HW, 4), scaled)
     assert plan.blend and all(l.resolution == (4, 4) for l in plan.blend)  # 16x16 of 64x64 -> 4x4 of 16x16
     assert plan.self_replaced and all(l.resolution[0] * l.resolution[1] <= 16 for l in plan.self_replaced)
     assert {l.name for l in plan.cross} == {l.name for l in attention_layers(pipe.unet.config, LATENT_HW) if l.kind == "cross"}

@@ -17,6 +17,10 @@ ENCODINGS = ("mean", "sample")
 NEGATIVES = ("source", "empty")
 MIXUPS = ("two-pass", "single-pass")
 DTYPES = ("float32", "bfloat16")
+SELF_REPLACE_LAYERS = ("null-text", "stable", "scaled")
+BLEND_LAYERS = ("released", "resolution")
+BLEND_MAPS = ("released", "own")
+TOKEN_ALIGNMENTS = ("released", "similarity")
 # Each baseline's published defaults where they differ from the shared ones (CSG official).
 METHOD_DEFAULTS = {"p2p": {"guidance_scale": 7.5, "negative_prompt": "empty"}}
 
@@ -58,6 +62,11 @@ class EditConfig:
     blend_start: float = 0.2  # LocalBlend acts from this fraction of the steps on
     equalizer_words: Optional[str] = None  # target-prompt words to re-weight (None: the target words)
     equalizer_scale: float = 1.0  # factor on their cross-attention columns (1: no re-weighting)
+    # which released behaviour (google/prompt-to-prompt; p2p.py's docstring says where each is made):
+    self_replace_layers: str = "null-text"  # <= 32^2 query pixels (null-text notebook) | "stable" (<= 16^2) | "scaled"
+    blend_layers: str = "released"  # LocalBlend's down[2:4] + up[:3] read as 16x16 | "resolution" (latent / 4)
+    blend_maps: str = "released"  # target word's map after replacement (in-place store) | "own" (before)
+    token_alignment: str = "released"  # seq_aligner's word-swap / refinement mapper | "similarity" (CSG's)
     # -- Pix2Pix-Zero (method "pix2pix-zero"; csg_jax/editing/pix2pix_zero.py) --
     xa_guidance: float = 0.1  # SGD step on x_t for the cross-attention loss
     source_sentences: Optional[str] = None  # text file, one sentence per line (edit direction);
@@ -68,7 +77,9 @@ class EditConfig:
 
     def __post_init__(self):
         checks = [("method", METHODS), ("inversion", INVERSIONS), ("encode", ENCODINGS),
-                  ("negative_prompt", NEGATIVES), ("mixup", MIXUPS), ("dtype", DTYPES)]
+                  ("negative_prompt", NEGATIVES), ("mixup", MIXUPS), ("dtype", DTYPES),
+                  ("self_replace_layers", SELF_REPLACE_LAYERS), ("blend_layers", BLEND_LAYERS),
+                  ("blend_maps", BLEND_MAPS), ("token_alignment", TOKEN_ALIGNMENTS)]
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not supported; choose one of {', '.join(allowed)}")

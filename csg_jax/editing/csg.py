@@ -75,6 +75,10 @@ class Prompts(NamedTuple):
     # Full-width (77 columns), so that target words of any length share one compiled program.
     target_weights: Optional[jax.Array] = None  # (B, 77) float32, 1/len(span) on the target words' columns
     reweight_columns: Optional[jax.Array] = None  # (B, 77) float32, 1 on the columns the equalizer scales
+    # Prompt-to-Prompt's released token alignment (editing/p2p_align.py) and LocalBlend word columns
+    p2p_matrix: Optional[jax.Array] = None  # (B, 77, 77) float32, target column t reads sum_s src[s] M[s, t]
+    p2p_keep: Optional[jax.Array] = None  # (B, 77) float32, share of the target's own column kept
+    blend_columns: Optional[jax.Array] = None  # (B, 2, 77) float32, 1 on every token of the source / target words
 
 
 class SourceStats(NamedTuple):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from csg_jax import prompts as P
-from csg_jax.editing import csg, null_text, p2p, pix2pix_zero
+from csg_jax.editing import csg, null_text, p2p, p2p_align, pix2pix_zero
 from csg_jax.editing.config import EditConfig
 from csg_jax.errors import ImageError, PromptError
 from csg_jax.schedule import make_schedule
@@ -152,11 +152,26 @@ def word_spans(tokenizer, prompt: str, words: str) -> list[tuple[int, int]]:
     return spans
 
 
-def batch_prompts(pipe, plans: Sequence[PromptPlan], equalizer_words: Optional[str] = None) -> csg.Prompts:
+def _blend_columns(tokenizer, plan: PromptPlan, width: int) -> np.ndarray:
+    """(2, width) LocalBlend word columns as the released ``LocalBlend`` builds them (every token of
+    every occurrence, ``get_word_inds``); a word it cannot find (punctuation attached, say) falls back
+    to its span, where the released code would divide by a zero map."""
+    out = np.zeros((2, width), np.float32)
+    for row, (prompt, words, span) in enumerate(((plan.source_prompt, plan.source_word, plan.source_span),
+                                                  (plan.target_prompt, plan.target_words, plan.target_span))):
+        idx = [i for word in words.split() for i in p2p_align.word_token_indices(tokenizer, prompt, word)]
+        idx = [i for i in idx if i < width] or list(range(span[0], min(span[1], width)))
+        out[row, idx] = 1.0
+    return out
+
+
+def batch_prompts(pipe, plans: Sequence[PromptPlan], equalizer_words: Optional[str] = None,
+                  token_alignment: str = "released") -> csg.Prompts:
     """Stack per-image prompt plans into one :class:`csg.Prompts` batch.
 
     ``equalizer_words``: words of the target prompts whose cross-attention columns Prompt-to-Prompt's
-    equalizer re-weights (default: the target words).
+    equalizer re-weights (default: the target words). ``token_alignment``: Prompt-to-Prompt's
+    column mapping, "released" (:func:`p2p_align.align`) or "similarity" (``ref_columns``).
     """
     texts = [p.source_prompt for p in plans] + [p.negative_prompt for p in plans] + [p.target_prompt for p in plans]
     states = pipe.embed(texts)
@@ -171,8 +186,15 @@ def batch_prompts(pipe, plans: Sequence[PromptPlan], equalizer_words: Optional[s
         for start, end in spans:
             reweight[i, start : min(end, pipe.max_length)] = 1.0
     ref = np.asarray([p.ref_columns for p in plans], np.int32)
+    n = pipe.max_length
+    if token_alignment == "released":
+        aligned = [p2p_align.align(pipe.tokenizer, p.source_prompt, p.target_prompt, n) for p in plans]
+    else:
+        aligned = [p2p_align.similarity_alignment(p.ref_columns, n) for p in plans]
+    blend = np.stack([_blend_columns(pipe.tokenizer, p, n) for p in plans])
     return csg.Prompts(states[:b], states[b : 2 * b], states[2 * b :], jnp.asarray(cols), jnp.asarray(wts), jnp.asarray(ref),
-                       jnp.asarray(target), jnp.asarray(reweight))
+                       jnp.asarray(target), jnp.asarray(reweight), jnp.asarray(np.stack([a.matrix for a in aligned])),
+                       jnp.asarray(np.stack([a.keep for a in aligned])), jnp.asarray(blend))
 
 
 def static_config(config: EditConfig) -> EditConfig:
@@ -210,7 +232,7 @@ class Editor:
         self.schedule = make_schedule(pipe.scheduler_config, config.num_steps)
         mask_res = config.mask_res or pipe.defaults.get("mask_res") or config.mask_resolution(self.latent_hw)
         self.layers = csg.plan_layers(pipe.unet.config, self.latent_hw, int(mask_res))
-        self.p2p_layers = p2p.plan_layers(pipe.unet.config, self.latent_hw, self.layers)
+        self.p2p_layers = p2p.plan_layers(pipe.unet.config, self.latent_hw, self.layers, self.config)
         self.trace_counts = {"encode": 0, "invert": 0, "edit": 0, "decode": 0, "null_text": 0}
         self._encode = jax.jit(self._encode_impl)
         self._invert = jax.jit(self._invert_impl)
@@ -386,7 +408,7 @@ def translate_image(pipe, image=None, prompt: str = "", task: Optional[str] = No
         inverted = np.asarray(inverted, np.float32)
         latent_hw = inverted.shape[-3:-1]
     editor = get_editor(pipe, config, latent_hw)
-    prompts = batch_prompts(pipe, [plan], config.equalizer_words)
+    prompts = batch_prompts(pipe, [plan], config.equalizer_words, config.token_alignment)
     if config.method == "pix2pix-zero":
         prompts = pix2pix_zero.edit_context(pipe, prompts, config)
     uncond, iterations = None, None

@@ -20,8 +20,12 @@ Shapes (per layer; ``B`` batch, ``N`` heads, ``Q`` = H*W query pixels, ``T`` key
   ``p[b] <- w[b] * p[b] + (1 - w[b]) * p[ref_rows[b]][..., ref_columns[b]]``
   (see :func:`blend_probs`), with ``control.mix_ref_rows`` ``(B,)`` and
   ``control.mix_ref_columns`` ``(B, T)``; optionally ``control.mix_ref_scale`` ``(B, T)``
-  multiplies the reference's columns (Prompt-to-Prompt's equalizer). Columns and scale apply
-  to cross-attention layers only; a mixed self-attention layer blends whole rows.
+  multiplies the reference's columns (Prompt-to-Prompt's equalizer). Instead of columns,
+  ``control.mix_ref_matrix`` ``(B, T, T)`` maps them linearly (reference column t =
+  ``sum_s ref[..., s] M[s, t]``: Prompt-to-Prompt's released word-swap mapper), and
+  ``control.mix_keep`` ``(B, T)`` adds ``keep * p[b]`` to the reference (its refinement keeps the
+  target's own columns for new words). Columns, matrix, scale and keep apply to cross-attention
+  layers only; a mixed self-attention layer blends whole rows.
   Recorded probabilities are the ones used, unless ``control.record_live`` asks for the
   layer's own softmax (before mix / inject).
 
@@ -68,6 +72,8 @@ class AttentionControl:
     mix_ref_rows: Optional[jax.Array] = None  # (B,) int32
     mix_ref_columns: Optional[jax.Array] = None  # (B, T) int32, cross-attention only
     mix_ref_scale: Optional[jax.Array] = None  # (B, T) float, cross-attention only
+    mix_ref_matrix: Optional[jax.Array] = None  # (B, T, T) float, cross-attention only (instead of columns)
+    mix_keep: Optional[jax.Array] = None  # (B, T) float, cross-attention only
     record_live: bool = struct.field(pytree_node=False, default=False)  # record softmax before mix/inject
 
     def record_kind(self, name: str) -> Optional[str]:
@@ -82,18 +88,27 @@ class AttentionControl:
 
 def blend_probs(
     probs: jax.Array, ref_probs: jax.Array, weight: jax.Array, ref_columns: Optional[jax.Array] = None,
-    ref_scale: Optional[jax.Array] = None,
+    ref_scale: Optional[jax.Array] = None, ref_matrix: Optional[jax.Array] = None, keep: Optional[jax.Array] = None,
 ) -> jax.Array:
-    """``weight * probs + (1 - weight) * ref_probs[..., ref_columns] * ref_scale`` (rows are not renormalised).
+    """``weight * probs + (1 - weight) * (ref * ref_scale + keep * probs)`` with ``ref`` =
+    ``ref_probs[..., ref_columns]`` or ``ref_probs @ ref_matrix`` (rows are not renormalised).
 
     probs, ref_probs: (B, N, Q, T); weight: (B, Q) (broadcast over heads and tokens);
     ref_columns: (B, T) int, the column of ``ref_probs`` that stands in for each column;
-    ref_scale: (B, T) float, a factor per (reordered) reference column.
+    ref_matrix: (B, T, T) float, instead of ref_columns: column t of the reference is
+    ``sum_s ref_probs[..., s] ref_matrix[s, t]``;
+    ref_scale: (B, T) float, a factor per (reordered) reference column;
+    keep: (B, T) float, the share of the layer's own column added to the reference.
     """
-    if ref_columns is not None:
+    own = probs
+    if ref_matrix is not None:
+        ref_probs = jnp.einsum("bnqs,bst->bnqt", ref_probs, ref_matrix.astype(ref_probs.dtype))
+    elif ref_columns is not None:
         ref_probs = jnp.take_along_axis(ref_probs, ref_columns[:, None, None, :], axis=-1)
     if ref_scale is not None:
         ref_probs = ref_probs * ref_scale[:, None, None, :].astype(ref_probs.dtype)
+    if keep is not None:
+        ref_probs = ref_probs + own * keep[:, None, None, :].astype(own.dtype)
     w = weight[:, None, :, None].astype(probs.dtype)
     return probs * w + ref_probs * (1 - w)
 
@@ -148,8 +163,11 @@ class Attention(nn.Module):
                 probs = live = self.probabilities(q_rows, k)
                 if mix_rows is not None:
                     ref = probs[control.mix_ref_rows]
-                    columns, scale = (control.mix_ref_columns, control.mix_ref_scale) if is_cross else (None, None)
-                    probs = blend_probs(probs, ref, mix_rows, columns, scale)
+                    if is_cross:
+                        probs = blend_probs(probs, ref, mix_rows, control.mix_ref_columns, control.mix_ref_scale,
+                                            control.mix_ref_matrix, control.mix_keep)
+                    else:
+                        probs = blend_probs(probs, ref, mix_rows)
                 if inject_rows is not None:
                     probs = jnp.broadcast_to(inject_rows.astype(probs.dtype), probs.shape)
                 rec = None

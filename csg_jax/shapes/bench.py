@@ -131,7 +131,7 @@ def edit_with(pipe, method_config, plans, inverted: list, n: int, warmup: bool =
     from csg_jax.editing.editor import batch_prompts, get_editor
 
     def run(idx, x_T):
-        prompts = batch_prompts(pipe, [plans[i] for i in idx], method_config.equalizer_words)
+        prompts = batch_prompts(pipe, [plans[i] for i in idx], method_config.equalizer_words, method_config.token_alignment)
         if method_config.method == "pix2pix-zero":
             prompts = pix2pix_zero.edit_context(pipe, prompts, method_config)
         editor = get_editor(pipe, method_config, x_T.shape[1:3])
