@@ -52,8 +52,9 @@ call* as reference (``mix_ref_rows``), so no map is stored or recomputed:
 
 Switching per step is done with 0/1 weight *arrays* chosen inside one compiled ``lax.scan``.
 Outputs: the source branch's final latent (P2P's reconstruction), the edit, ``mask_raw`` = the
-source word's cross-attention mask (CSG's per-step mask, averaged over steps, clamped) and
-``mask`` = the LocalBlend mask (or ``mask_raw`` without blending).
+source word's cross-attention mask (CSG's per-step mask, averaged over steps, clamped),
+``mask`` = the LocalBlend mask (or ``mask_raw`` without blending) and ``word_maps``, the
+LocalBlend word maps it is made from.
 
 P2P's own defaults are guidance 7.5 with the empty negative prompt
 (``EditConfig.for_method("p2p")``); the CSG paper compares at guidance 5 with the source prompt
@@ -181,7 +182,8 @@ def edit(pipe, params, x_T, prompts: csg.Prompts, schedule: DDIMSchedule, layers
     """P2P edit from x_T (B, h, w, C). ``uncond`` (N, B, 77, D): per-step negative contexts
     (null-text inversion) for both branches instead of ``prompts.negative``.
 
-    Returns {"reconstruction", "edited"} latents (B, h, w, C) and {"mask_raw", "mask"} (B, h, w).
+    Returns {"reconstruction", "edited"} latents (B, h, w, C), {"mask_raw", "mask"} (B, h, w) and
+    "word_maps" (B, 2, r, r): LocalBlend's source / target word maps summed over the steps.
     """
     b, h, w, _ = x_T.shape
     timesteps, alpha_t, alpha_prev = sampling_plan(schedule)
@@ -257,4 +259,4 @@ def edit(pipe, params, x_T, prompts: csg.Prompts, schedule: DDIMSchedule, layers
     (x_src, x_tgt, word_sum, mask_sum), _ = jax.lax.scan(step, init, xs)
     mask_raw = jnp.clip(mask_sum / n, 0.0, 1.0)
     mask = blend_mask(word_sum, (h, w), p2p_knobs.blend_threshold) if config.local_blend else mask_raw
-    return {"reconstruction": x_src, "edited": x_tgt, "mask_raw": mask_raw, "mask": mask}
+    return {"reconstruction": x_src, "edited": x_tgt, "mask_raw": mask_raw, "mask": mask, "word_maps": word_sum}
