@@ -125,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--null-text", action="store_true", help="same as --inversion-variant null-text")
     e.add_argument("--null-text-steps", type=int, help="null-text: Adam steps per timestep (default 10)")
     e.add_argument("--noise-regularization", action="store_true",
-                   help="Pix2Pix-Zero's auto-correlation + KL regularisation of the inversion's noise (any method)")
+                   help="Pix2Pix-Zero's auto-correlation + KL regularisation of the inversion's noise (any method; "
+                        "on by default for --method pix2pix-zero, as released)")
+    e.add_argument("--no-noise-regularization", action="store_true",
+                   help="plain DDIM inversion noise, e.g. for --method pix2pix-zero from the same latent as the others")
     b = p.add_argument_group("baselines (--method p2p / pix2pix-zero)")
     b.add_argument("--cross-replace-steps", type=float, help="p2p: fraction of steps with the source's cross-attention (0.8)")
     b.add_argument("--self-replace-steps", type=float, help="p2p: fraction of steps with the source's coarse self-attention (0.4)")
@@ -187,6 +190,8 @@ def edit_config_from_args(args):
                 "equalizer_scale", "xa_guidance", "source_sentences", "target_sentences")
     flags = {name: getattr(args, name, None) for name in baseline}
     flags.update({name: True for name in ("local_blend", "noise_regularization") if getattr(args, name, False)})
+    if getattr(args, "no_noise_regularization", False):
+        flags["noise_regularization"] = False
     config = config.replace(**{k: v for k, v in flags.items() if v is not None})
     overrides = {
         "method": args.method, "num_steps": args.steps, "guidance_scale": args.guidance_scale,

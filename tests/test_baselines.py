@@ -113,7 +113,10 @@ def test_p2p_defaults_are_its_own_and_the_paper_setting_is_the_shared_default():
     assert EditConfig.from_yaml("configs/p2p.yaml") == own
     paper = EditConfig(method="p2p")
     assert (paper.guidance_scale, paper.negative_prompt) == (5.0, "source")
-    assert EditConfig.from_yaml("configs/pix2pix-zero.yaml") == EditConfig(method="pix2pix-zero")
+    assert EditConfig.from_yaml("configs/pix2pix-zero-paper.yaml") == EditConfig(method="pix2pix-zero")
+    zero = EditConfig.for_method("pix2pix-zero")  # released: its inversion schedule and regularised noise
+    assert (zero.inversion, zero.noise_regularization) == ("official", True)
+    assert EditConfig.from_yaml("configs/pix2pix-zero.yaml") == zero
 
 
 def test_unet_evaluation_counts():

@@ -22,7 +22,10 @@ BLEND_LAYERS = ("released", "resolution")
 BLEND_MAPS = ("released", "own")
 TOKEN_ALIGNMENTS = ("released", "similarity")
 # Each baseline's published defaults where they differ from the shared ones (CSG official).
-METHOD_DEFAULTS = {"p2p": {"guidance_scale": 7.5, "negative_prompt": "empty"}}
+# Pix2Pix-Zero's released inversion (ddim_inv.py): timesteps[1:-1] of the flipped schedule (our
+# "official" N-2 step variant) with the regularised noise, always on in its edit_real.py.
+METHOD_DEFAULTS = {"p2p": {"guidance_scale": 7.5, "negative_prompt": "empty"},
+                   "pix2pix-zero": {"inversion": "official", "noise_regularization": True}}
 
 
 def _bool(v) -> bool:

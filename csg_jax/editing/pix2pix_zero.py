@@ -58,15 +58,41 @@ class Knobs(NamedTuple):
 # -- edit direction -------------------------------------------------------------------------------
 
 def read_sentences(path: str) -> list[str]:
+    """The file's lines, stripped; blank lines stay (the released ``make_edit_direction.py`` embeds
+    them as empty sentences)."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.strip() for line in f]
     except OSError as e:
         raise ConfigError(f"cannot read the sentence file {path}: {e}") from None
-    lines = [line for line in lines if line]
-    if not lines:
+    if not any(lines):
         raise ConfigError(f"{path} holds no sentences (one per line)")
     return lines
+
+
+def load_mean_embedding(pipe, path: str) -> np.ndarray:
+    """(77, D) mean sentence embedding from ``path``: a text file of sentences, or a precomputed
+    mean as the released code ships them (``assets/embeddings_sd_1.4/cat.pt``, a torch tensor
+    (1, 77, 768); reading it needs torch) or as a ``.npy`` array."""
+    if path.endswith((".pt", ".npy")):
+        try:
+            if path.endswith(".npy"):
+                emb = np.load(path)
+            else:
+                import torch
+
+                emb = torch.load(path, map_location="cpu").float().numpy()
+        except ImportError:
+            raise ConfigError(f"reading {path} needs torch (pip install torch==2.13.0), or save it as .npy") from None
+        except Exception as e:
+            raise ConfigError(f"cannot read the embedding file {path}: {e}") from None
+        emb = np.asarray(emb, np.float32)
+        emb = emb[0] if emb.ndim == 3 else emb
+        want = (pipe.max_length, pipe.text_encoder.config.hidden_size)
+        if emb.shape != want:
+            raise ConfigError(f"{path}: embedding of shape {emb.shape}, the model needs {want}")
+        return emb
+    return mean_embedding(pipe, read_sentences(path))
 
 
 def mean_embedding(pipe, sentences: Sequence[str], batch: int = 64) -> np.ndarray:
@@ -88,7 +114,7 @@ def edit_context(pipe, prompts, config: EditConfig):
     unchanged (target = source + (target - source)) without files."""
     if config.source_sentences is None:
         return prompts
-    direction = edit_direction(pipe, read_sentences(config.source_sentences), read_sentences(config.target_sentences))
+    direction = load_mean_embedding(pipe, config.target_sentences) - load_mean_embedding(pipe, config.source_sentences)
     return prompts._replace(target=prompts.source + jnp.asarray(direction, prompts.source.dtype)[None])
 
 
@@ -197,8 +223,10 @@ def kl_divergence(noise: jax.Array) -> jax.Array:
 def regularize_noise(eps: jax.Array, key: jax.Array) -> jax.Array:
     """Pix2Pix-Zero's regularisation of a noise prediction (B, h, w, C), image by image.
 
-    The official roll amounts are Python's ``random.randrange(side // 2)`` per roll, channel and
-    level; here they are drawn from ``key`` (the same for every image of the batch).
+    The released roll amounts are Python's ``random.randrange(1, side // 2)`` per roll, channel and
+    level (``ddim_inv.py`` since 2024-09; before, ``randrange(side // 2)`` could roll by 0, which
+    turns the loss into the mean square and shrinks the noise); here they are drawn from ``key``
+    (the same for every image of the batch) in the same range, 1 where side // 2 <= 1.
     """
     sizes = pyramid_sizes(eps.shape[1])
     channels = eps.shape[-1]
@@ -207,7 +235,7 @@ def regularize_noise(eps: jax.Array, key: jax.Array) -> jax.Array:
 
     def roll_step(j, e):  # j = round * AC_ROLLS + roll
         sub = jax.random.fold_in(key, j)
-        shifts = jnp.stack([jax.random.randint(jax.random.fold_in(sub, lvl), (channels,), 0, max(1, s // 2))
+        shifts = jnp.stack([jax.random.randint(jax.random.fold_in(sub, lvl), (channels,), 1, max(2, s // 2))
                             for lvl, s in enumerate(sizes)])
         return e - LAMBDA_AC * ac_grad(e, shifts) / AC_ROLLS
 
