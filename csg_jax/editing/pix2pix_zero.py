@@ -58,14 +58,15 @@ class Knobs(NamedTuple):
 # -- edit direction -------------------------------------------------------------------------------
 
 def read_sentences(path: str) -> list[str]:
-    """The file's lines, stripped; blank lines stay (the released ``make_edit_direction.py`` embeds
-    them as empty sentences)."""
+    """The file's non-blank lines, stripped. (The released ``make_edit_direction.py`` also embeds
+    blank lines, as empty sentences: a slip of a hand-edited file, not a sentence; we skip them.)"""
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.strip() for line in f]
     except OSError as e:
         raise ConfigError(f"cannot read the sentence file {path}: {e}") from None
-    if not any(lines):
+    lines = [line for line in lines if line]
+    if not lines:
         raise ConfigError(f"{path} holds no sentences (one per line)")
     return lines
 
