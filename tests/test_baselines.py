@@ -306,6 +306,18 @@ def test_cli_flags_select_methods_and_their_defaults():
     c = config("--method", "pix2pix-zero", "--xa-guidance", "0.2", "--inversion-variant", "null-text", "--null-text-steps", "3")
     assert (c.method, c.xa_guidance, c.inversion, c.null_text_steps, c.guidance_scale) == ("pix2pix-zero", 0.2, "null-text", 3, 5.0)
     assert config().method == "csg" and config().guidance_scale == 5.0
+    c = config("--method", "p2p")  # the released behaviour unless an option names another
+    assert (c.self_replace_layers, c.blend_layers, c.blend_maps, c.token_alignment, c.blend_start) == (
+        "null-text", "released", "released", "released", 0.2)
+    c = config("--method", "p2p", "--self-replace-layers", "stable", "--blend-layers", "resolution", "--blend-maps", "own",
+               "--token-alignment", "similarity", "--blend-start", "0")
+    assert (c.self_replace_layers, c.blend_layers, c.blend_maps, c.token_alignment, c.blend_start) == (
+        "stable", "resolution", "own", "similarity", 0.0)
+    c = config("--method", "pix2pix-zero")
+    assert (c.inversion, c.noise_regularization) == ("official", True)
+    assert config("--method", "pix2pix-zero", "--no-noise-regularization").noise_regularization is False
+    with pytest.raises(Exception, match="blend_layers"):
+        EditConfig(method="p2p", blend_layers="16x16")
 
 
 def _cli(tiny_sd1_dir, out, *flags):

@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""Our Pix2Pix-Zero against the released code (pix2pixzero/pix2pix-zero), on the same tiny random
+SD, clean latent x0, caption and edit direction.
+
+Outside CI (it needs the released code and an old-diffusers virtual environment):
+
+    python scripts/parity_pix2pix_zero.py --setup /work/venv-p2pz     # once: the oracle's venv
+    git clone https://github.com/pix2pixzero/pix2pix-zero /tmp/p2pz      # the released code (src/ is used)
+    python scripts/parity_pix2pix_zero.py --p2pz-dir /tmp/p2pz --python /work/venv-p2pz/bin/python
+
+The oracle (``scripts/oracles/p2pzero_released.py``) imports and runs the released
+``DDIMInversion`` / ``EditingPipeline`` from the checkout; nothing of it is copied here. Both
+sides start from the same x0 latent (the VAE encode and BLIP are bypassed), invert it on the
+caption (our ``Editor.invert``: the released N-2 step schedule, ``inversion="official"``), then
+edit with the caption as negative prompt, guidance 5 and cross-attention guidance 0.1.
+
+The edit direction is target prompt states - source prompt states from *our* text encoder,
+given to the released pipeline as ``edit_dir`` and to ours as .npy mean embeddings
+(``source_sentences`` = zeros, ``target_sentences`` = the direction): both edit with
+caption states + direction. In the regularised cases the released ``randrange`` draws are
+replaced by the roll amounts our regulariser draws (``pix2pix_zero.regularize_noise``) in the
+released call order: inversion step, round, roll, channel, pyramid level.
+
+Prints max |ours - released| of x_T, the reconstruction and the edited latent, and relative to
+max |released|; writes JSON. Exit status 1 when an edit differs by more than 1e-3 relative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ORACLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oracles", "p2pzero_released.py")
+# diffusers 0.12.x: CrossAttention is still the UNet's attention class (the released code selects
+# modules by that class name; 0.14 renamed it Attention); 0.12 imports huggingface_hub's
+# cached_download (gone in 0.26)
+ORACLE_PACKAGES = ["diffusers==0.12.1", "huggingface_hub==0.25.2", "transformers==4.46.3", "numpy<2", "safetensors"]
+SRC = "a photo of a cat on the grass"
+TGT = "a photo of a dog on the grass"
+CASES = [  # name, steps, regularised inversion
+    ("plain-10", 10, False),
+    ("reg-10", 10, True),
+    ("plain-50", 50, False),
+    ("reg-50", 50, True),
+]
+DEFAULT_CASES = ("plain-10", "reg-10", "plain-50")
+
+
+def setup(venv: str) -> int:
+    """Create the oracle's virtual environment (torch first: the CPU wheel on this disk)."""
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    pip = [os.path.join(venv, "bin", "pip"), "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True)
+    subprocess.run(pip + ORACLE_PACKAGES, check=True)
+    print(f"oracle venv ready: {venv}/bin/python")
+    return 0
+
+
+def released_rolls(seed: int, steps: int, side: int, channels: int) -> list:
+    """[[lo, hi, amount], ...]: what our regulariser rolls by, in the released randrange call order.
+
+    Our keys (Editor._rng -> pix2pix_zero.noise_regularizer -> regularize_noise): PRNGKey(seed),
+    fold_in(., inversion step i), fold_in(., round * AC_ROLLS + roll), fold_in(., level),
+    randint((channels,), 1, max(2, size // 2)). The released ddim_inv.py asks randrange(1, size // 2)
+    for step i, round, roll, channel, level (auto_corr_loss: channel loop, then the pyramid).
+    """
+    import jax
+    import numpy as np
+
+    from csg_jax.editing import pix2pix_zero as pz
+
+    sizes = pz.pyramid_sizes(side)
+    key = jax.random.PRNGKey(seed)
+    out = []
+    for i in range(steps - 2):  # the official inversion: N - 2 steps (ddim_inv.py timesteps.flip(0)[1:-1])
+        step_key = jax.random.fold_in(key, i)
+        for j in range(pz.REG_STEPS * pz.AC_ROLLS):
+            sub = jax.random.fold_in(step_key, j)
+            shifts = np.stack([np.asarray(jax.random.randint(jax.random.fold_in(sub, lvl), (channels,), 1, max(2, s // 2)))
+                               for lvl, s in enumerate(sizes)])  # (levels, channels)
+            for ch in range(channels):
+                for lvl, s in enumerate(sizes):
+                    out.append([1, s // 2, int(shifts[lvl, ch])])
+    return out
+
+
+def ours(pipe, x0, cases, prompts0, dir_path: str, tmp: str, seed: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from csg_jax.editing import pix2pix_zero
+    from csg_jax.editing.config import EditConfig
+    from csg_jax.editing.editor import Editor
+
+    zeros = os.path.join(tmp, "zeros.npy")
+    np.save(zeros, np.zeros(prompts0.source.shape[1:], np.float32))
+    x = jnp.asarray(np.transpose(x0, (0, 2, 3, 1)))
+    out = {}
+    for name, steps, reg in cases:
+        config = EditConfig.for_method("pix2pix-zero", num_steps=steps, noise_regularization=reg, seed=seed,
+                                       source_sentences=zeros, target_sentences=dir_path)
+        prompts = pix2pix_zero.edit_context(pipe, prompts0, config)  # target = source + direction
+        editor = Editor(pipe, config, x.shape[1:3])
+        t0 = time.perf_counter()
+        x_T = jax.block_until_ready(editor.invert(x, prompts.source, config.seed))
+        t_inv = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = jax.block_until_ready(editor.edit(x_T, prompts, config))
+        t_edit = time.perf_counter() - t0
+        out[name] = {"x_T": np.asarray(x_T), "reconstruction": np.asarray(res["reconstruction"]),
+                     "edited": np.asarray(res["edited"]), "seconds_inversion": t_inv, "seconds_edit": t_edit,
+                     "config": {k: config.to_dict()[k] for k in ("num_steps", "guidance_scale", "xa_guidance", "inversion",
+                                                                  "noise_regularization", "negative_prompt", "seed")}}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p.add_argument("--setup", metavar="VENV", help="create the oracle's virtual environment here and stop")
+    p.add_argument("--p2pz-dir", help="a checkout of pix2pixzero/pix2pix-zero (src/utils/ddim_inv.py, ...)")
+    p.add_argument("--python", default="/work/venv-p2pz/bin/python", help="the oracle venv's python (%(default)s)")
+    p.add_argument("--model", help="model folder (default: a tiny random SD written to a temporary folder)")
+    p.add_argument("--latent", type=int, default=32, help="latent side (default %(default)s)")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                   help="comma-separated subset of: " + ", ".join(c[0] for c in CASES) + " (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="our regulariser's seed (the rolls given to both sides)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the oracle (%(default)s)")
+    p.add_argument("--float64-oracle", action="store_true",
+                   help="also run the released code in float64: the float32 noise floor (released float32 vs float64) "
+                        "and ours vs the float64 run")
+    p.add_argument("--keep", metavar="DIR", help="work folder to keep (job, latents, released.npz, ours.npz)")
+    p.add_argument("--json", default="parity_pix2pix_zero.json", help="results file (%(default)s)")
+    args = p.parse_args(argv)
+    if args.setup:
+        return setup(args.setup)
+    if not args.p2pz_dir:
+        p.error("--p2pz-dir is required (a checkout of pix2pixzero/pix2pix-zero)")
+    for rel in ("ddim_inv.py", "edit_pipeline.py", "scheduler.py", "cross_attention.py", "base_pipeline.py"):
+        if not os.path.isfile(os.path.join(args.p2pz_dir, "src", "utils", rel)):
+            p.error(f"missing {os.path.join(args.p2pz_dir, 'src', 'utils', rel)}")
+    names = args.cases.split(",")
+    unknown = sorted(set(names) - {c[0] for c in CASES})
+    if unknown:
+        p.error(f"unknown case(s) {unknown}")
+    cases = [c for c in CASES if c[0] in names]
+
+    import numpy as np
+
+    tmp = args.keep or tempfile.mkdtemp(prefix="parity_p2pz_")
+    os.makedirs(tmp, exist_ok=True)
+    folder = args.model
+    if folder is None:
+        from csg_jax.testing import make_tiny_model
+
+        folder = make_tiny_model(os.path.join(tmp, "tiny_sd1"))
+    x0 = np.random.RandomState(0).standard_normal((1, 4, args.latent, args.latent)).astype(np.float32)
+    x0_path = os.path.join(tmp, "x0.npy")
+    np.save(x0_path, x0)
+
+    # the direction comes from our text encoder; ours runs after the oracle, on the latent it used
+    from csg_jax.editing.config import EditConfig
+    from csg_jax.editing.editor import batch_prompts, plan_prompts
+    from csg_jax.pipeline import load_pipeline
+
+    pipe = load_pipeline(folder)
+    prompts0 = batch_prompts(pipe, [plan_prompts(pipe, SRC, target_prompt=TGT)])
+    direction = np.asarray(prompts0.target[0] - prompts0.source[0], np.float32)
+    dir_path = os.path.join(tmp, "direction.npy")
+    np.save(dir_path, direction)
+    channels = int(x0.shape[1])
+    job_cases = []
+    for name, steps, reg in cases:
+        c = EditConfig.for_method("pix2pix-zero", num_steps=steps)
+        job_cases.append({"name": name, "x0": x0_path, "caption": SRC, "direction": dir_path, "steps": steps,
+                          "guidance": c.guidance_scale, "xa_guidance": c.xa_guidance, "regularize": reg,
+                          "rolls": released_rolls(args.seed, steps, args.latent, channels) if reg else None})
+    job = {"model": folder, "p2pz_dir": args.p2pz_dir, "threads": args.threads, "cases": job_cases}
+    job_path = os.path.join(tmp, "job.json")
+    with open(job_path, "w") as f:
+        json.dump(job, f)
+    t0 = time.perf_counter()
+    subprocess.run([args.python, ORACLE, job_path, os.path.join(tmp, "released.npz")], check=True)
+    t_ref = time.perf_counter() - t0
+    ref = np.load(os.path.join(tmp, "released.npz"))
+    x0_used = ref[f"{cases[0][0]}/x0_used"]
+    d_x0 = float(np.abs(x0_used - x0).max())
+    t0 = time.perf_counter()
+    mine = ours(pipe, x0_used, cases, prompts0, dir_path, tmp, args.seed)
+    t_ours = time.perf_counter() - t0
+    np.savez(os.path.join(tmp, "ours.npz"), **{f"{n}/{k}": v for n, d in mine.items() for k, v in d.items()
+                                               if isinstance(v, np.ndarray)})
+    ref64, t_ref64 = None, None
+    if args.float64_oracle:  # the same job in double, from the latent the float32 run used; and each edit
+        np.save(os.path.join(tmp, "x0_used.npy"), x0_used)  # again from our x_T (the edit stage alone)
+        cases64 = []
+        for c in job_cases:
+            x_T_path = os.path.join(tmp, f"ours_x_T_{c['name']}.npy")
+            np.save(x_T_path, np.transpose(mine[c["name"]]["x_T"], (0, 3, 1, 2)))
+            cases64 += [dict(c, x0=os.path.join(tmp, "x0_used.npy")),
+                        dict(c, name=c["name"] + "@ours_x_T", x0=os.path.join(tmp, "x0_used.npy"), x_T=x_T_path)]
+        job64 = dict(job, dtype="float64", cases=cases64)
+        with open(os.path.join(tmp, "job64.json"), "w") as f:
+            json.dump(job64, f)
+        t0 = time.perf_counter()
+        subprocess.run([args.python, ORACLE, os.path.join(tmp, "job64.json"), os.path.join(tmp, "released64.npz")],
+                       check=True)
+        t_ref64 = time.perf_counter() - t0
+        ref64 = np.load(os.path.join(tmp, "released64.npz"))
+
+    rows = []
+    print(f"x0: released feeds x0 / 0.18215 * 0.18215, max |x0_used - x0| = {d_x0:.2e} (ours runs on x0_used)")
+    print(f"{'case':9s} {'|dx_T|':>9s} {'rel':>8s} {'|d recon|':>9s} {'rel':>8s} {'|d edit|':>9s} {'rel':>8s} "
+          f"{'|edit|':>7s} {'ours inv+edit s':>15s} {'released s':>10s}")
+    for name, steps, reg in cases:
+        o = mine[name]
+        row = {"case": name, "steps": steps, "regularized_inversion": reg, "config": o["config"]}
+        for key in ("x_T", "reconstruction", "edited"):
+            r = ref[f"{name}/{key}"]
+            d = float(np.abs(np.transpose(o[key], (0, 3, 1, 2)) - r).max())
+            row[f"max_abs_diff_{key}"] = d
+            row[f"max_abs_released_{key}"] = float(np.abs(r).max())
+            row[f"rel_{key}"] = d / float(np.abs(r).max())
+        if ref64 is not None:
+            for key in ("x_T", "reconstruction", "edited"):
+                r64 = ref64[f"{name}/{key}"]
+                scale = float(np.abs(r64).max())
+                row[f"rel_released32_vs_released64_{key}"] = float(np.abs(ref[f"{name}/{key}"] - r64).max()) / scale
+                row[f"rel_ours_vs_released64_{key}"] = float(np.abs(np.transpose(o[key], (0, 3, 1, 2)) - r64).max()) / scale
+            r64s = ref64[f"{name}@ours_x_T/edited"]
+            row["rel_ours_vs_released64_from_our_x_T_edited"] = (
+                float(np.abs(np.transpose(o["edited"], (0, 3, 1, 2)) - r64s).max()) / float(np.abs(r64s).max()))
+            row["rel_released64_from_our_x_T_vs_released64_edited"] = (
+                float(np.abs(r64s - ref64[f"{name}/edited"]).max()) / float(np.abs(ref64[f"{name}/edited"]).max()))
+        row["seconds"] = {"ours_inversion": round(o["seconds_inversion"], 2), "ours_edit": round(o["seconds_edit"], 2),
+                          "released_inversion": round(float(ref[f"{name}/seconds_inversion"]), 2),
+                          "released_edit": round(float(ref[f"{name}/seconds_edit"]), 2)}
+        if reg:
+            row["rolls"] = int(ref[f"{name}/rolls_used"])
+        rows.append(row)
+        s = row["seconds"]
+        print(f"{name:9s} {row['max_abs_diff_x_T']:9.2e} {row['rel_x_T']:8.1e} {row['max_abs_diff_reconstruction']:9.2e} "
+              f"{row['rel_reconstruction']:8.1e} {row['max_abs_diff_edited']:9.2e} {row['rel_edited']:8.1e} "
+              f"{row['max_abs_released_edited']:7.2f} {s['ours_inversion']:7.1f}+{s['ours_edit']:<7.1f} "
+              f"{s['released_inversion']:4.1f}+{s['released_edit']:.1f}")
+    if ref64 is not None:
+        print("float32 noise floor, relative to max |released float64|:")
+        print(f"{'case':9s} {'x_T r32-r64':>12s} {'ours-r64':>9s} {'edit r32-r64':>13s} {'ours-r64':>9s} "
+              f"{'edit ours-r64(our x_T)':>23s} {'r64(our x_T)-r64':>17s}")
+        for row in rows:
+            print(f"{row['case']:9s} {row['rel_released32_vs_released64_x_T']:12.1e} {row['rel_ours_vs_released64_x_T']:9.1e} "
+                  f"{row['rel_released32_vs_released64_edited']:13.1e} {row['rel_ours_vs_released64_edited']:9.1e} "
+                  f"{row['rel_ours_vs_released64_from_our_x_T_edited']:23.1e} "
+                  f"{row['rel_released64_from_our_x_T_vs_released64_edited']:17.1e}")
+    result = {"source_prompt": SRC, "target_prompt": TGT, "latent": args.latent, "model": folder, "p2pz_dir": args.p2pz_dir,
+              "x0_roundtrip_max_abs": d_x0, "direction_max_abs": float(np.abs(direction).max()), "cases": rows,
+              "seconds_total": {"ours (incl. compile)": round(t_ours, 1), "released (incl. load)": round(t_ref, 1),
+                                **({"released float64": round(t_ref64, 1)} if t_ref64 else {})},
+              "work_folder": tmp}
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.json} (ours {t_ours:.0f} s incl. compilation, released {t_ref:.0f} s; work folder {tmp})")
+    worst = max(r["rel_edited"] for r in rows)
+    return 0 if worst <= 1e-3 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
