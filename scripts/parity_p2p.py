@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     p.add_argument("--cases", help="comma-separated subset of: " + ", ".join(c[0] for c in CASES))
     p.add_argument("--self-replace-layers", default=None, help="our setting for the run (default: ours)")
     p.add_argument("--blend-start", type=float, default=None, help="our setting (the stable notebook: 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another of our settings, e.g. --set self_replace_layers=scaled --set blend_maps=own "
+                        "(our earlier behaviour, to see the harness tell them apart)")
     p.add_argument("--json", default="parity_p2p.json", help="results file (%(default)s)")
     args = p.parse_args(argv)
     if args.setup:
@@ -108,6 +111,13 @@ def main(argv=None) -> int:
     cases = [c for c in CASES if not args.cases or c[0] in args.cases.split(",")]
     settings = {k: v for k, v in (("self_replace_layers", args.self_replace_layers), ("blend_start", args.blend_start))
                 if v is not None}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        settings[key.replace("-", "_")] = value
+    if args.set:  # typed as the config file reader types them
+        from csg_jax.editing.config import EditConfig
+
+        settings = {k: getattr(EditConfig.from_dict(settings), k) for k in settings}
 
     t0 = time.perf_counter()
     mine = ours(folder, x_T, cases, settings)
