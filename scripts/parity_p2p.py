@@ -26,7 +26,10 @@ import sys
 import tempfile
 import time
 
-ORACLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oracles", "ptp_released.py")
+ORACLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oracles")
+ORACLE = os.path.join(ORACLES, "ptp_released.py")
+sys.path.insert(0, ORACLES)
+from old_diffusers import make_venv  # noqa: E402  (the oracles' shared helpers; no torch import)
 # the oracle's environment: old diffusers with CrossAttention.reshape_heads_to_batch_dim and
 # attn2(x, context=...) calls (what ptp_utils.register_attention_control patches)
 ORACLE_PACKAGES = ["diffusers==0.10.2", "huggingface_hub==0.25.2", "transformers==4.46.3", "numpy<2", "safetensors",
@@ -39,16 +42,6 @@ CASES = [  # name, target prompt, steps, extra settings
     ("reweight-10", "a photo of a dog on the grass", 10, {"equalizer_words": "dog", "equalizer_scale": 2.0}),
     ("refine-10", "a photo of a big cat on the grass", 10, {}),
 ]
-
-
-def setup(venv: str) -> int:
-    """Create the oracle's virtual environment (torch first: the CPU wheel on this disk)."""
-    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    pip = [os.path.join(venv, "bin", "pip"), "install", "-q"]
-    subprocess.run(pip + ["torch==2.13.0"], check=True)
-    subprocess.run(pip + ORACLE_PACKAGES, check=True)
-    print(f"oracle venv ready: {venv}/bin/python")
-    return 0
 
 
 def ours(folder: str, x_T, cases, settings: dict) -> dict:
@@ -90,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="parity_p2p.json", help="results file (%(default)s)")
     args = p.parse_args(argv)
     if args.setup:
-        return setup(args.setup)
+        return make_venv(args.setup, ORACLE_PACKAGES)
     if not args.ptp_dir:
         p.error("--ptp-dir is required (a checkout of google/prompt-to-prompt)")
     controllers = args.controllers or os.path.join(args.ptp_dir, "null_text_w_ptp.ipynb")

@@ -45,7 +45,10 @@ import sys
 import tempfile
 import time
 
-ORACLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oracles", "p2pzero_released.py")
+ORACLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oracles")
+ORACLE = os.path.join(ORACLES, "p2pzero_released.py")
+sys.path.insert(0, ORACLES)
+from old_diffusers import make_venv  # noqa: E402  (the oracles' shared helpers; no torch import)
 # diffusers 0.12.x: CrossAttention is still the UNet's attention class (the released code selects
 # modules by that class name; 0.14 renamed it Attention); 0.12 imports huggingface_hub's
 # cached_download (gone in 0.26)
@@ -64,16 +67,6 @@ DEFAULT_CASES = ("plain-10", "reg-10", "plain-50")
 # with a mistake in a step (wrong roll amounts, say) the latents differ by 1e-2)
 STEP_TOLERANCE = {"inversion_eps": 1e-4, "inversion_step": 1e-4, "reconstruction_step": 1e-4, "guidance_update": 1e-3,
                   "guided_latent": 1e-4, "edit_step": 1e-4}
-
-
-def setup(venv: str) -> int:
-    """Create the oracle's virtual environment (torch first: the CPU wheel on this disk)."""
-    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    pip = [os.path.join(venv, "bin", "pip"), "install", "-q"]
-    subprocess.run(pip + ["torch==2.13.0"], check=True)
-    subprocess.run(pip + ORACLE_PACKAGES, check=True)
-    print(f"oracle venv ready: {venv}/bin/python")
-    return 0
 
 
 def released_rolls(seed: int, steps: int, side: int, channels: int) -> list:
@@ -249,7 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="parity_pix2pix_zero.json", help="results file (%(default)s)")
     args = p.parse_args(argv)
     if args.setup:
-        return setup(args.setup)
+        return make_venv(args.setup, ORACLE_PACKAGES)
     if not args.p2pz_dir:
         p.error("--p2pz-dir is required (a checkout of pix2pixzero/pix2pix-zero)")
     for rel in ("ddim_inv.py", "edit_pipeline.py", "scheduler.py", "cross_attention.py", "base_pipeline.py"):

@@ -105,11 +105,6 @@ def mean_embedding(pipe, sentences: Sequence[str], batch: int = 64) -> np.ndarra
     return (total / len(sentences)).astype(np.float32)
 
 
-def edit_direction(pipe, source_sentences: Sequence[str], target_sentences: Sequence[str]) -> np.ndarray:
-    """(77, D): mean embedding of the target sentences minus that of the source sentences."""
-    return mean_embedding(pipe, target_sentences) - mean_embedding(pipe, source_sentences)
-
-
 def edit_context(pipe, prompts, config: EditConfig):
     """``prompts`` with ``target`` = source + edit direction (from ``config``'s sentence files);
     unchanged (target = source + (target - source)) without files."""

@@ -100,7 +100,6 @@ def blend_probs(
     ref_scale: (B, T) float, a factor per (reordered) reference column;
     keep: (B, T) float, the share of the layer's own column added to the reference.
     """
-    own = probs
     if ref_matrix is not None:
         ref_probs = jnp.einsum("bnqs,bst->bnqt", ref_probs, ref_matrix.astype(ref_probs.dtype))
     elif ref_columns is not None:
@@ -108,7 +107,7 @@ def blend_probs(
     if ref_scale is not None:
         ref_probs = ref_probs * ref_scale[:, None, None, :].astype(ref_probs.dtype)
     if keep is not None:
-        ref_probs = ref_probs + own * keep[:, None, None, :].astype(own.dtype)
+        ref_probs = ref_probs + probs * keep[:, None, None, :].astype(probs.dtype)
     w = weight[:, None, :, None].astype(probs.dtype)
     return probs * w + ref_probs * (1 - w)
 

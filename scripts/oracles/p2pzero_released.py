@@ -59,33 +59,11 @@ import types
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+
+from old_diffusers import load_components  # this script's folder
 
 # diffusers 0.12's VAE attention names (same tensors): query/key/value/proj_attn
-VAE_RENAME = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
 SCALE = 0.18215  # hard-coded in the released ddim_inv.py / base_pipeline.py
-
-
-def load_components(folder: str) -> dict:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
-    unet.load_state_dict(load_file(f"{folder}/unet/diffusion_pytorch_model.safetensors"), strict=True)
-    cfg = AutoencoderKL.load_config(folder, subfolder="vae")
-    cfg.pop("scaling_factor", None)  # unknown to diffusers 0.12 (the released code hard-codes 0.18215)
-    vae = AutoencoderKL.from_config(cfg)
-    sd = {}
-    for k, v in load_file(f"{folder}/vae/diffusion_pytorch_model.safetensors").items():
-        if ".mid_block.attentions." in k:
-            for a, b in VAE_RENAME.items():
-                k = k.replace(a, b)
-        sd[k] = v
-    vae.load_state_dict(sd, strict=True)
-    text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))  # no "format" header
-    text.load_state_dict(load_file(f"{folder}/text_encoder/model.safetensors"), strict=True)
-    return dict(vae=vae.eval(), text_encoder=text.eval(), unet=unet.eval(),
-                tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"))
 
 
 def build(cls, components: dict, scheduler):

@@ -26,33 +26,14 @@ import typing
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-from safetensors.torch import load_file
 
-# old diffusers' VAE attention names (same tensors): query/key/value/proj_attn
-VAE_RENAME = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
-
+from old_diffusers import load_components  # this script's folder
 
 def load_model(folder: str):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler
 
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
-    unet.load_state_dict(load_file(f"{folder}/unet/diffusion_pytorch_model.safetensors"), strict=True)
-    cfg = AutoencoderKL.load_config(folder, subfolder="vae")
-    cfg.pop("scaling_factor", None)
-    vae = AutoencoderKL.from_config(cfg)
-    sd = {}
-    for k, v in load_file(f"{folder}/vae/diffusion_pytorch_model.safetensors").items():
-        if ".mid_block.attentions." in k:
-            for a, b in VAE_RENAME.items():
-                k = k.replace(a, b)
-        sd[k] = v
-    vae.load_state_dict(sd, strict=True)
-    text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))  # no "format" header
-    text.load_state_dict(load_file(f"{folder}/text_encoder/model.safetensors"), strict=True)
     return types.SimpleNamespace(
-        unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), device="cpu",
-        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        **load_components(folder), device="cpu",
         scheduler=DDIMScheduler.from_config(DDIMScheduler.load_config(folder, subfolder="scheduler")))
 
 
