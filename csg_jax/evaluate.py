@@ -244,7 +244,7 @@ def load_item(item: Item, results_dir: str) -> Item:
             else:
                 item.source, item.source_desc = _fit_source(path, hw), path
         elif image_info.get("demo"):
-            from csg_jax.translate import demo_image
+            from csg_jax.model_zoo import demo_image
 
             demo = demo_image(max(hw))
             item.source, item.source_desc = demo[: hw[0], : hw[1]], "demo image"

@@ -12,6 +12,9 @@ import numpy as np
 
 from csg_jax.errors import ImageError
 
+# files read as images wherever a folder is scanned (dataset --input-dir, evaluation results)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
+
 
 def load_image(path: str, size: int, multiple: int) -> tuple[np.ndarray, list[str]]:
     """Read any image PIL can, as (size', size', 3) uint8 RGB; returns (image, notices).
@@ -135,14 +138,15 @@ def save_png(path: str, array: np.ndarray) -> None:
 
 
 def save_json(path: str, data: dict) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, default=_json_default).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, default=json_default).encode()))
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, array))
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps(default=...)``: numpy scalars as numbers, anything else as its str."""
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):

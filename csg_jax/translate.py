@@ -24,56 +24,7 @@ import numpy as np
 from csg_jax import runtime
 from csg_jax.errors import run_guarded
 
-SHAPES_MODEL = "shapes"  # the trained shapes-world model shipped in csg_jax/shapes/assets
-TINY_MODEL = "tiny"  # a random SD-1-shaped model made on first use (every code path, noise pictures)
-DEMO_PROMPT = "a red circle on a blue background"
-DEMO_TASK = "circle2square"
-
-
-def embedded_model_dir() -> str:
-    """The tiny random model: made once (deterministically) under $CSG_JAX_HOME or ~/.cache/csg_jax."""
-    from csg_jax.testing import make_tiny_model
-
-    home = os.environ.get("CSG_JAX_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "csg_jax")
-    folder = os.path.join(home, "models", "tiny-sd1-v1")
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        tmp = folder + f".partial-{os.getpid()}"
-        make_tiny_model(tmp, "sd1", seed=0)
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process made it first
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def resolve_model(name: str) -> str:
-    """The folder (or Hub id) behind ``--model``: 'shapes' (default), 'tiny'/'embedded', or a path."""
-    if name == SHAPES_MODEL:
-        from csg_jax.errors import CheckpointError
-        from csg_jax.shapes.model import shipped_model_dir
-
-        folder = shipped_model_dir()
-        if not os.path.isfile(os.path.join(folder, "model_index.json")):
-            raise CheckpointError(f"the shipped shapes model is missing from this install ({folder}); "
-                                  "reinstall csg_jax, or pass --model tiny or --model /path/to/model")
-        return folder
-    if name in (TINY_MODEL, "embedded"):
-        return embedded_model_dir()
-    return name
-
-
-def demo_image(size: int) -> np.ndarray:
-    """A shapes-world picture of the demo prompt (a red circle on a textured blue background),
-    (size, size, 3) uint8; the same renderer the shapes model was trained on."""
-    from csg_jax.shapes.world import Scene, render
-
-    scene = Scene("circle", "red", "blue", cx=0.5, cy=0.5, radius=0.3, angle=0.0, gradient=(0.08, -0.06),
-                  texture_seed=0)
-    image, _ = render(scene, size)
-    return (image * 255 + 0.5).astype(np.uint8)
+from csg_jax.model_zoo import DEMO_PROMPT, DEMO_TASK, SHAPES_MODEL, demo_image, resolve_model
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from csg_jax.editing.editor import batch_prompts, get_editor, plan_prompts, to_m
 from csg_jax.errors import ConfigError
 from csg_jax.models.attention import AttentionControl
 from csg_jax.models.unet import attention_layers
-from csg_jax.translate import demo_image
+from csg_jax.model_zoo import demo_image
 
 PROMPT = "a photo of a dog on the grass"
 TASK = "dog2cat"

@@ -10,7 +10,8 @@ from PIL import Image
 from csg_jax import io
 from csg_jax.errors import ImageError
 from csg_jax.shapes.model import shipped_model_dir
-from csg_jax.translate import main, resolve_model
+from csg_jax.model_zoo import resolve_model
+from csg_jax.translate import main
 
 
 @pytest.fixture(autouse=True, scope="module")

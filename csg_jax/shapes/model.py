@@ -21,6 +21,18 @@ def shipped_model_dir() -> str:
     return os.path.join(ASSETS, "shapes_model")
 
 
+def installed_model_dir() -> str:
+    """:func:`shipped_model_dir`, checked to hold a model (the ``--model shapes`` hook of
+    :mod:`csg_jax.model_zoo`)."""
+    from csg_jax.errors import CheckpointError
+
+    folder = shipped_model_dir()
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise CheckpointError(f"the shipped shapes model is missing from this install ({folder}); "
+                              "reinstall csg_jax, or pass --model tiny or --model /path/to/model")
+    return folder
+
+
 def checksum_file(folder: str) -> str:
     """The CHECKSUM file that belongs to ``folder`` (next to it, not inside: it is not model data)."""
     return os.path.join(os.path.dirname(os.path.abspath(folder)), "CHECKSUM")

@@ -173,3 +173,12 @@ def make_batch(seed: int, n: int, size: int = 32, split: str = "train", **fixed)
         "color": np.array([COLOR_NAMES.index(sc.color) for sc in scenes], np.int32),
         "background": np.array([COLOR_NAMES.index(sc.background) for sc in scenes], np.int32),
     }
+
+
+def demo_image(size: int) -> np.ndarray:
+    """The CLIs' demo picture (a red circle on a textured blue background), (size, size, 3) uint8:
+    the renderer the shapes model was trained on."""
+    scene = Scene("circle", "red", "blue", cx=0.5, cy=0.5, radius=0.3, angle=0.0, gradient=(0.08, -0.06),
+                  texture_seed=0)
+    image, _ = render(scene, size)
+    return (image * 255 + 0.5).astype(np.uint8)
