@@ -10,6 +10,8 @@ A folder looks like::
     scheduler/     scheduler_config.json
 
 PyTorch ``*.bin`` weights are read only when torch is installed. Every error names the file.
+The file readers (:func:`read_json`, :func:`load_safetensors`, :func:`load_torch_file`,
+:func:`read_weights`, :func:`load_tokenizer`) also load the evaluation metrics' networks.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -28,10 +30,12 @@ _WEIGHT_NAMES = {
     "unet": ("diffusion_pytorch_model",),
     "vae": ("diffusion_pytorch_model",),
     "text_encoder": ("model", "pytorch_model"),
+    "transformers": ("model", "pytorch_model"),  # a transformers model folder (CLIPModel, ViTModel)
 }
 
 
 def read_json(path: str) -> dict:
+    """A JSON object file; CheckpointError when missing, ConfigError when not a valid JSON object."""
     if not os.path.isfile(path):
         raise CheckpointError(f"missing file: {path}")
     try:
@@ -70,13 +74,15 @@ def resolve_model_path(path_or_id: str) -> str:
 
 
 def read_state_dict(component_dir: str, component: str, lazy: bool = False) -> dict[str, np.ndarray]:
-    """All tensors of one component as numpy arrays (safetensors, sharded safetensors, or .bin via torch).
+    """All tensors of one component as numpy arrays (safetensors, sharded safetensors, or .bin /
+    .pth via torch). ``component`` picks the file names (``"transformers"``: ``model.*``,
+    ``pytorch_model.*``).
 
     ``lazy``: safetensors tensors as :class:`LazyTensor` handles instead, each read from disk when
     ``np.asarray`` asks for it, so that a converter holds one PyTorch-layout tensor at a time
     rather than the whole state dict beside the converted params.
     """
-    load = _index_safetensors if lazy else _load_safetensors
+    load = _index_safetensors if lazy else load_safetensors
     if not os.path.isdir(component_dir):
         raise CheckpointError(f"missing folder: {component_dir}")
     names = _WEIGHT_NAMES.get(component, ("diffusion_pytorch_model", "model"))
@@ -93,18 +99,50 @@ def read_state_dict(component_dir: str, component: str, lazy: bool = False) -> d
             for shard in shards:
                 out.update(load(os.path.join(component_dir, shard)))
             return out
-    bins = [os.path.join(component_dir, f"{n}.bin") for n in names]
+    bins = [os.path.join(component_dir, f"{n}{ext}") for n in names for ext in (".bin", ".pth")]
     bins = [b for b in bins if os.path.isfile(b)]
     if bins:
-        return _load_torch_bin(bins[0])
+        return load_torch_file(bins[0])
     found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(component_dir, "*")))
     raise CheckpointError(
         f"no weights in {component_dir}: expected {names[0]}.safetensors (or a sharded "
-        f".safetensors.index.json, or .bin); found {found or 'nothing'}"
+        f".safetensors.index.json, or .bin / .pth); found {found or 'nothing'}"
     )
 
 
-def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+def read_weights(path: str) -> dict[str, np.ndarray]:
+    """A state dict from a transformers folder (``model.safetensors``, sharded safetensors,
+    ``pytorch_model.bin``) or from one file (``.safetensors``; ``.pth`` / ``.pt`` / ``.bin`` through
+    torch), every floating tensor as float32."""
+    if os.path.isdir(path):
+        sd = read_state_dict(path, "transformers")
+    elif not os.path.isfile(path):
+        raise CheckpointError(f"weight file not found: {path}")
+    elif path.endswith(".safetensors"):
+        sd = load_safetensors(path)
+    else:
+        sd = load_torch_file(path)
+    return {k: (v.astype(np.float32) if v.dtype != np.float32 and np.issubdtype(v.dtype, np.floating) else v)
+            for k, v in sd.items()}
+
+
+def load_tokenizer(folder: str):
+    """transformers' ``CLIPTokenizer`` from a folder with ``vocab.json`` and ``merges.txt``."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"missing folder: {folder} (needs vocab.json and merges.txt)")
+    for name in ("vocab.json", "merges.txt"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise CheckpointError(f"missing tokenizer file: {os.path.join(folder, name)}")
+    try:
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise CheckpointError(f"cannot load the CLIP tokenizer in {folder}: {e}") from None
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as numpy arrays (float16 / bfloat16 as float32)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"missing weight file: {path}")
     try:
@@ -124,7 +162,7 @@ _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, 
 
 class LazyTensor:
     """One tensor of a safetensors file, read when converted to an array (float16 / bfloat16 come
-    back as float32, as :func:`_load_safetensors` gives them)."""
+    back as float32, as :func:`load_safetensors` gives them)."""
 
     def __init__(self, path: str, key: str, dtype: str, shape: tuple, start: int, end: int):
         self.path, self.key, self.dtype_name, self.shape, self.start, self.end = path, key, dtype, tuple(shape), start, end
@@ -183,19 +221,26 @@ def _load_safetensors_bf16(path: str) -> dict[str, np.ndarray]:
     return {key: np.asarray(t).astype(np.float32) for key, t in _index_safetensors(path).items()}
 
 
-def _load_torch_bin(path: str) -> dict[str, np.ndarray]:
+def load_torch_file(path: str) -> dict[str, np.ndarray]:
+    """A PyTorch state dict file (``.bin``, ``.pth``, ``.pt``; a ``{"state_dict": ...}`` wrapper is
+    unwrapped) as float32 numpy arrays; needs torch."""
     try:
         import torch
     except ImportError:
         raise CheckpointError(
-            f"{path} is a PyTorch .bin file; reading it needs torch. Install torch, or convert the folder "
-            "to safetensors once (e.g. with diffusers' `save_pretrained(..., safe_serialization=True)`)."
+            f"{path} is a PyTorch file; reading it needs torch. Install torch, or convert it to safetensors "
+            "once (a model folder with diffusers' `save_pretrained(..., safe_serialization=True)`, a state "
+            "dict with `safetensors.torch.save_file`)."
         ) from None
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-    return {k: v.float().numpy() for k, v in sd.items()}
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    return {k: v.detach().float().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in obj.items()}
 
 
 def convert_component(

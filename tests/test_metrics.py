@@ -458,7 +458,7 @@ def test_evaluate_skips_metrics_without_weights(results, tmp_path, capsys):
 
 
 def test_background_masks(tmp_path):
-    from csg_jax.evaluate import Item, background_for
+    from csg_jax.evaluation import Item, background_for
 
     fg = np.zeros((8, 8), np.uint8)
     fg[2:6, 2:6] = 200  # > 0.5: foreground

@@ -32,6 +32,7 @@ import numpy as np
 from csg_jax.convert import state_dict_to_flax
 from csg_jax.errors import CheckpointError, ConfigError
 from csg_jax.resize import resize_2d
+from csg_jax.weights import read_weights
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -261,8 +262,6 @@ def heads_template(config: ConvNetConfig) -> dict:
 
 def load_trunk(path: str, arch: str = "vgg16") -> tuple[ConvNetConfig, dict]:
     """A torchvision ``vgg16`` (or ``alexnet``) state dict file (.pth via torch, or .safetensors)."""
-    from csg_jax.metrics.vit import read_weights
-
     sd = _trunk_state_dict(read_weights(path))
     if not sd:
         raise CheckpointError(f"{path}: no 'features.N.weight' tensors (expected a torchvision {arch} state dict)")
@@ -272,8 +271,6 @@ def load_trunk(path: str, arch: str = "vgg16") -> tuple[ConvNetConfig, dict]:
 
 def load_heads(path: str, config: ConvNetConfig) -> dict:
     """lpips linear heads (``lin0.model.1.weight`` ...; the lpips package's ``weights/v0.1/vgg.pth``)."""
-    from csg_jax.metrics.vit import read_weights
-
     sd = {k: v for k, v in read_weights(path).items() if k.startswith("lin")}
     if not sd:
         raise CheckpointError(f"{path}: no 'lin0.model.1.weight' ... tensors (expected lpips {config.arch} weights)")

@@ -22,14 +22,13 @@ trained one.
 no bias) for image-text similarity.
 
 Loaders (:func:`load_clip`, :func:`load_dino`) read a transformers folder (``config.json`` +
-``model.safetensors``, sharded safetensors, or ``pytorch_model.bin`` when torch is installed).
+``model.safetensors``, sharded safetensors, or ``pytorch_model.bin`` when torch is installed)
+with :mod:`csg_jax.weights`' readers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import os
 import re
 from typing import Any, Mapping
@@ -43,6 +42,7 @@ from csg_jax.convert import state_dict_to_flax
 from csg_jax.errors import CheckpointError, ConfigError
 from csg_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from csg_jax.resize import resize_2d
+from csg_jax.weights import load_tokenizer, read_json, read_weights
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -342,66 +342,6 @@ class CLIPModel(nn.Module):
 
 # --- loading -----------------------------------------------------------------------------------
 
-def read_config(folder: str) -> dict:
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"missing file: {path}")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return d
-
-
-def read_weights(path: str) -> dict[str, np.ndarray]:
-    """A state dict from a folder (``model.safetensors``, sharded safetensors, ``pytorch_model.bin``)
-    or from one file (``.safetensors``; ``.pth`` / ``.pt`` / ``.bin`` through torch), as float32 numpy."""
-    from csg_jax.weights import _load_safetensors
-
-    if os.path.isdir(path):
-        for name in ("model.safetensors",):
-            if os.path.isfile(os.path.join(path, name)):
-                return read_weights(os.path.join(path, name))
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f).get("weight_map", {}).values()))
-            out: dict[str, np.ndarray] = {}
-            for s in shards:
-                out.update(read_weights(os.path.join(path, s)))
-            return out
-        for name in ("pytorch_model.bin", "model.pth"):
-            if os.path.isfile(os.path.join(path, name)):
-                return read_weights(os.path.join(path, name))
-        found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*")))
-        raise CheckpointError(f"no weights in {path}: expected model.safetensors (or pytorch_model.bin); "
-                              f"found {found or 'nothing'}")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"weight file not found: {path}")
-    if path.endswith(".safetensors"):
-        sd = _load_safetensors(path)
-    else:
-        try:
-            import torch
-        except ImportError:
-            raise CheckpointError(f"{path} is a PyTorch file and torch is not installed; convert it to "
-                                  ".safetensors (safetensors.torch.save_file) or install torch") from None
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-        sd = {k: v.detach().float().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in obj.items()}
-    return {k: (v.astype(np.float32) if v.dtype != np.float32 and np.issubdtype(v.dtype, np.floating) else v)
-            for k, v in sd.items()}
-
-
 def _strip(sd: Mapping[str, np.ndarray], prefixes: tuple[str, ...]) -> dict[str, np.ndarray]:
     out = {}
     for k, v in sd.items():
@@ -459,19 +399,9 @@ def load_clip(folder: str) -> LoadedCLIP:
     config.json, model.safetensors (or pytorch_model.bin), vocab.json + merges.txt."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"CLIP folder not found: {folder}")
-    model = clip_from_config(read_config(folder))
-    sd = read_weights(folder)
-    params = state_dict_to_flax(sd, clip_template(model), source=folder, ignore=IGNORE_KEYS)
-    for name in ("vocab.json", "merges.txt"):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise CheckpointError(f"missing tokenizer file {os.path.join(folder, name)}")
-    try:
-        from transformers import CLIPTokenizer
-
-        tok = CLIPTokenizer.from_pretrained(folder)
-    except Exception as e:
-        raise CheckpointError(f"cannot load the CLIP tokenizer in {folder}: {e}") from None
-    return LoadedCLIP(model, params, tok, folder)
+    model = clip_from_config(read_json(os.path.join(folder, "config.json")))
+    params = state_dict_to_flax(read_weights(folder), clip_template(model), source=folder, ignore=IGNORE_KEYS)
+    return LoadedCLIP(model, params, load_tokenizer(folder), folder)
 
 
 def vit_template(model: ViT) -> dict:
@@ -505,7 +435,7 @@ def load_dino(folder: str) -> LoadedViT:
     A ``vit.`` prefix (ViTForImageClassification checkpoints) is stripped; pooler/classifier ignored."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"DINO folder not found: {folder}")
-    cfg = ViTConfig.from_dict(read_config(folder))
+    cfg = ViTConfig.from_dict(read_json(os.path.join(folder, "config.json")))
     if cfg.layout != "vit":
         raise ConfigError(f"{folder}: expected a ViT (model_type 'vit') config for DINO, found a CLIP config")
     model = ViT(cfg)
