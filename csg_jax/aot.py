@@ -358,16 +358,16 @@ def _abstract(tree, sharding):
 
 
 def _abstract_prompts(pipe, batch: int, span: int = 8):
-    """:class:`~csg_jax.editing.csg.Prompts` of ``batch`` images as ShapeDtypeStructs."""
+    """:class:`~csg_jax.editing.core.Prompts` of ``batch`` images as ShapeDtypeStructs."""
     import jax
     import jax.numpy as jnp
 
-    from csg_jax.editing import csg
+    from csg_jax.editing.core import Prompts
 
     n, d = pipe.max_length, pipe.unet.config.cross_attention_dim
     spec = jax.ShapeDtypeStruct
     states = lambda: spec((batch, n, d), jnp.dtype(pipe.text_encoder.dtype))  # as pipe.embed returns
-    return csg.Prompts(states(), states(), states(), spec((batch, span), jnp.int32), spec((batch, span), jnp.float32),
+    return Prompts(states(), states(), states(), spec((batch, span), jnp.int32), spec((batch, span), jnp.float32),
                        spec((batch, n), jnp.int32), spec((batch, n), jnp.float32), spec((batch, n), jnp.float32))
 
 
@@ -382,8 +382,7 @@ def build_program(program: str, pipe, setting: Setting, batch: int, devices: Seq
     from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
     from csg_jax import dataset
-    from csg_jax.editing import csg
-    from csg_jax.editing.config import EditConfig
+    from csg_jax.editing.config import EditConfig, Knobs
     from csg_jax.editing.editor import Editor, method_knobs
 
     kind, _, method = program.partition(":")
@@ -395,7 +394,7 @@ def build_program(program: str, pipe, setting: Setting, batch: int, devices: Seq
     # shapes only: nothing of the batch is allocated, however large the probe
     latents = lambda b: jax.ShapeDtypeStruct((b, side, side, c), np.float32)
     images = lambda b: jax.ShapeDtypeStruct((b, setting.size, setting.size, 3), np.float32)
-    knobs = csg.Knobs.from_config(config)
+    knobs = Knobs.from_config(config)
     extra = method_knobs(config)
 
     if kind == "dataset":
@@ -405,7 +404,7 @@ def build_program(program: str, pipe, setting: Setting, batch: int, devices: Seq
         fn = dataset.batch_fn(editor, mesh, sample=False)
         args = (_abstract(pipe.params, rep), _abstract(images(g), data), None,
                 _abstract(_abstract_prompts(pipe, g, dataset.SPAN_WIDTH), data),
-                _abstract(csg.Knobs.stack([config] * g), data), _abstract(extra, rep), None)
+                _abstract(Knobs.stack([config] * g), data), _abstract(extra, rep), None)
         return fn, args
 
     one = SingleDeviceSharding(devices[0])
@@ -413,16 +412,16 @@ def build_program(program: str, pipe, setting: Setting, batch: int, devices: Seq
     params = a(pipe.params)
     prompts = a(_abstract_prompts(pipe, batch))
     if program == "encode":
-        return editor._encode, (params, a(images(batch)), None)
+        return editor.jitted("encode"), (params, a(images(batch)))
     if program in ("invert", "invert-official"):
-        return editor._invert, (params, a(latents(batch)), prompts.source)
+        return editor.jitted("invert"), (params, a(latents(batch)), prompts.source)
     if program == "null-text":
-        return editor._null_text, (params, a(latents(batch)), prompts, a(knobs))
+        return editor.jitted("null_text"), (params, a(latents(batch)), prompts, a(knobs))
     if program == "decode":  # the CLI decodes reconstruction and edit together
-        return editor._decode, (params, a(latents(2 * batch)))
+        return editor.jitted("decode"), (params, a(latents(2 * batch)))
     if kind == "edit":
         args = (params, a(latents(batch)), prompts, a(knobs))
-        return editor._edit, args + ((a(extra),) if extra is not None else ())
+        return editor.jitted("edit"), args + ((a(extra),) if extra is not None else ())
     raise ValueError(f"unknown program {program!r}; choose from {', '.join(PROGRAMS)}")
 
 

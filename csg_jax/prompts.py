@@ -67,13 +67,19 @@ def parse_task(task: str) -> tuple[str, list[str]]:
     return source, target.split()
 
 
-def _find_word(prompt: str, word: str) -> re.Match | None:
-    """First whole-word, case-insensitive occurrence of `word` (may be several words) in
+def word_matches(prompt: str, word: str) -> list[re.Match]:
+    """Every whole-word, case-insensitive occurrence of `word` (may be several words) in
     `prompt`; words are letter runs, any whitespace may separate the words of a phrase."""
     pattern = r"\s+".join(re.escape(w) for w in word.split())
     if not pattern:
-        return None
-    return re.search(rf"(?<!{_LETTERS}){pattern}(?!{_LETTERS})", prompt, flags=re.IGNORECASE)
+        return []
+    return list(re.finditer(rf"(?<!{_LETTERS}){pattern}(?!{_LETTERS})", prompt, flags=re.IGNORECASE))
+
+
+def find_word(prompt: str, word: str) -> re.Match | None:
+    """The first of :func:`word_matches`, or None."""
+    found = word_matches(prompt, word)
+    return found[0] if found else None
 
 
 def build_target_prompt(
@@ -92,7 +98,7 @@ def build_target_prompt(
     `source_prompt` (locate it with `token_span`). Raises PromptError if nothing can be replaced.
     """
     source_word, target_words = parse_task(task)
-    match = _find_word(source_prompt, source_word)
+    match = find_word(source_prompt, source_word)
     if match is None:
         if similar_word_fn is None:
             raise PromptError(
@@ -109,7 +115,7 @@ def build_target_prompt(
                 f"The similar-word function returned {chosen!r}, which is not a word of the "
                 f"source prompt {source_prompt!r} (candidates: {candidates})."
             )
-        match = _find_word(source_prompt, chosen)
+        match = find_word(source_prompt, chosen)
     target_prompt = source_prompt[: match.start()] + " ".join(target_words) + source_prompt[
         match.end():]
     return target_prompt, match.group(0)
@@ -156,7 +162,7 @@ def token_span(tokenizer, prompt: str, word: str) -> tuple[int, int]:
     into k tokens gives end - start = k. `word` may be a phrase ("dog with glasses").
     Raises PromptError if the word is absent or falls outside the tokenizer's max length.
     """
-    match = _find_word(prompt, word)
+    match = find_word(prompt, word)
     if match is None:
         raise PromptError(f"The word {word!r} does not appear in the prompt {prompt!r}.")
     prefix_ids, word_ids = _ids(tokenizer, [prompt[: match.start()], match.group(0)])

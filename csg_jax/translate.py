@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -27,7 +26,22 @@ from csg_jax.errors import run_guarded
 from csg_jax.model_zoo import DEMO_PROMPT, DEMO_TASK, SHAPES_MODEL, demo_image, resolve_model
 
 
+def _settings_titles() -> dict:
+    """Argument-group titles: the shared settings, then one group per method's options."""
+    from csg_jax.editing import schema
+    from csg_jax.editing.config import EditConfig
+
+    titles = {None: "edit settings (any method; --config YAML gives them too, flags override it)"}
+    for f in dataclasses.fields(EditConfig):
+        if schema.is_group(f):
+            titles[f.name] = (f.default_factory.__doc__ or f.name).strip().splitlines()[0]
+    return titles
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from csg_jax.editing import schema
+    from csg_jax.editing.config import EditConfig
+
     p = argparse.ArgumentParser(
         prog="python -m csg_jax.translate",
         description="Text-driven image-to-image translation with Conditional Score Guidance (CSG, NeurIPS 2023).",
@@ -46,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--size", type=int, help="short side the image is resized to (default: the model's native size)")
     src.add_argument("--manifest", metavar="FILE",
                      help="translate a dataset: JSONL or CSV with image, prompt, task|target_prompt, optional id, "
-                          "seed and per-item settings (see csg_jax/dataset.py); outputs go to OUT/<id>/")
+                          "seed and per-item settings (see csg_jax/dataset/); outputs go to OUT/<id>/")
     src.add_argument("--input-dir", metavar="DIR",
                      help="translate every image file in DIR with --prompt and --task/--target-prompt (ids: file stems)")
 
@@ -56,64 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "shapes world: one coloured shape on a background, 32x32) or 'tiny' (random weights, "
                         "made on first use: exercises every code path, pictures are noise)")
     m.add_argument("--cache", help="Orbax folder caching converted params (pods: convert once)")
-    m.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="activation dtype")
     runtime.add_cli_arguments(m)
 
-    e = p.add_argument_group("method")
+    e = p.add_argument_group("configuration")
     e.add_argument("--config", help="YAML with edit settings (configs/*.yaml); flags override it")
-    e.add_argument("--method", choices=["csg", "csg-no-mixup", "ddim", "p2p", "pix2pix-zero"],
-                   help="csg (default), csg without mixup, plain DDIM (Eq. 3), or the baselines Prompt-to-Prompt "
-                        "(its defaults: guidance 7.5, empty negative; configs/p2p.yaml) and Pix2Pix-Zero")
-    e.add_argument("--steps", type=int, help="DDIM steps (default 50)")
-    e.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 5.0)")
-    e.add_argument("--posterior-guidance", type=float, help="lambda of the conditional score guidance, Eq. 15 (default 10)")
-    e.add_argument("--negative", choices=["source", "empty"], help="negative prompt: the source prompt (official) or empty")
-    e.add_argument("--mask-res", type=int, help="cross-attention resolution used for the mask (default latent size / 4)")
-    e.add_argument("--delta", type=float, help="period of the cosine gate, Eq. 16 (default 1.5)")
-    e.add_argument("--inversion-variant", choices=["standard", "official", "null-text"],
-                   help="DDIM inversion: standard, the authors' N-2 step variant, or null-text (standard + per-step "
-                        "optimised negative embeddings, any method)")
     e.add_argument("--null-text", action="store_true", help="same as --inversion-variant null-text")
-    e.add_argument("--null-text-steps", type=int, help="null-text: Adam steps per timestep (default 10)")
-    e.add_argument("--noise-regularization", action="store_true",
-                   help="Pix2Pix-Zero's auto-correlation + KL regularisation of the inversion's noise (any method; "
-                        "on by default for --method pix2pix-zero, as released)")
-    e.add_argument("--no-noise-regularization", action="store_true",
-                   help="plain DDIM inversion noise, e.g. for --method pix2pix-zero from the same latent as the others")
-    b = p.add_argument_group("baselines (--method p2p / pix2pix-zero)")
-    b.add_argument("--cross-replace-steps", type=float, help="p2p: fraction of steps with the source's cross-attention (0.8)")
-    b.add_argument("--self-replace-steps", type=float, help="p2p: fraction of steps with the source's coarse self-attention (0.4)")
-    b.add_argument("--local-blend", action="store_true", help="p2p: LocalBlend, keep the source outside the words' maps")
-    b.add_argument("--blend-threshold", type=float, help="p2p: LocalBlend threshold (0.3)")
-    b.add_argument("--blend-start", type=float,
-                   help="p2p: LocalBlend acts from this fraction of the steps on (0.2, the null-text notebook; "
-                        "the stable notebook: 0)")
-    b.add_argument("--self-replace-layers", choices=["null-text", "stable", "scaled"],
-                   help="p2p: self-attention layers replaced: <= 32x32 query pixels (null-text notebook, default), "
-                        "<= 16x16 (stable notebook) or <= (latent/4)^2 (scaled with the image)")
-    b.add_argument("--blend-layers", choices=["released", "resolution"],
-                   help="p2p LocalBlend maps: the released layer set read as 16x16 maps (default), or the cross "
-                        "layers at latent/4 resolution")
-    b.add_argument("--blend-maps", choices=["released", "own"],
-                   help="p2p LocalBlend target-word map: after replacement, as the released code (default), or the "
-                        "target's own attention (the paper's description)")
-    b.add_argument("--token-alignment", choices=["released", "similarity"],
-                   help="p2p: target columns read the source's by seq_aligner's word-swap / refinement mapper "
-                        "(default) or by CSG's embedding-similarity matching")
-    b.add_argument("--equalizer-words", help="p2p: target-prompt words to re-weight (default: the target words)")
-    b.add_argument("--equalizer-scale", type=float, help="p2p: factor on their cross-attention (1: off)")
-    b.add_argument("--xa-guidance", type=float, help="pix2pix-zero: cross-attention guidance step (0.1)")
-    b.add_argument("--source-sentences", metavar="FILE", help="pix2pix-zero: sentences about the source concept, one a line")
-    b.add_argument("--target-sentences", metavar="FILE",
-                   help="pix2pix-zero: sentences about the target concept (edit direction = difference of the mean "
-                        "embeddings; default: target prompt - source prompt)")
-    e.add_argument("--encode", choices=["mean", "sample"], help="VAE posterior mean (deterministic) or a seeded sample (official)")
-    e.add_argument("--mixup", choices=["two-pass", "single-pass"], help="cross-attention mixup: official two passes or one pass")
-    e.add_argument("--max-attention-store-gb", type=float, metavar="GB",
-                   help="two-pass mixup: keep the source pass's cross-attention maps of every step when they take at "
-                        "most GB per program (one UNet evaluation per step fewer; default 4), else recompute them "
-                        "(memory flat in the steps); 0: always recompute")
-    e.add_argument("--seed", type=int, help="seed (used by --encode sample)")
+    schema.add_arguments(p, EditConfig, _settings_titles())
 
     o = p.add_argument_group("output")
     o.add_argument("--out", default="out/translate", help="output folder (replaced atomically)")
@@ -131,88 +93,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def edit_config_from_args(args):
+    """The EditConfig of parsed flags: ``--config`` YAML (else the method's own defaults), then
+    every setting flag given."""
+    from csg_jax.editing import schema
     from csg_jax.editing.config import EditConfig
 
-    config = EditConfig.from_yaml(args.config) if args.config else EditConfig.for_method(args.method or "csg")
+    given = schema.given_arguments(args)
     if getattr(args, "null_text", False):
-        args.inversion_variant = "null-text"
-    baseline = ("null_text_steps", "cross_replace_steps", "self_replace_steps", "blend_threshold", "blend_start",
-                "self_replace_layers", "blend_layers", "blend_maps", "token_alignment", "equalizer_words",
-                "equalizer_scale", "xa_guidance", "source_sentences", "target_sentences")
-    flags = {name: getattr(args, name, None) for name in baseline}
-    flags.update({name: True for name in ("local_blend", "noise_regularization") if getattr(args, name, False)})
-    if getattr(args, "no_noise_regularization", False):
-        flags["noise_regularization"] = False
-    config = config.replace(**{k: v for k, v in flags.items() if v is not None})
-    overrides = {
-        "method": args.method, "num_steps": args.steps, "guidance_scale": args.guidance_scale,
-        "posterior_guidance": args.posterior_guidance, "negative_prompt": args.negative, "mask_res": args.mask_res,
-        "delta": args.delta, "inversion": args.inversion_variant, "encode": args.encode, "mixup": args.mixup,
-        "seed": args.seed, "dtype": args.dtype if args.dtype != "float32" else None,
-        "max_attention_store_gb": getattr(args, "max_attention_store_gb", None),
-    }
-    return config.replace(**{k: v for k, v in overrides.items() if v is not None})
+        given["inversion"] = "null-text"
+    config = EditConfig.from_yaml(args.config) if args.config else EditConfig.for_method(given.get("method", "csg"))
+    return config.replace(**given)
 
 
-def write_item_outputs(out_dir: str, result, config, *, model_info: dict, image_info: dict, timings: dict,
-                       save_inversion: bool = False, save_latents: bool = False,
-                       extra_meta: Optional[dict] = None) -> dict:
-    """Write one edit's files (edit.png, reconstruction.png, mask.png, mask_raw.png, grid.png,
-    meta.json; inversion.npy / latents.npz on request) into ``out_dir``, atomically: the folder
-    appears only when complete (:class:`csg_jax.io.StagedDir`). Returns {file name: final path}.
-    Used by the single-image CLI and by dataset runs (csg_jax/dataset.py)."""
-    from csg_jax import io
-    from csg_jax.editing.csg import unet_evaluations, unet_evaluations_per_step
+def _load_pipeline(args, config):
+    import jax.numpy as jnp
 
-    with io.StagedDir(out_dir) as stage:
-        j = lambda name: os.path.join(stage.path, name)
-        h, w = result.edit.shape[:2]
-        mask_img = io.mask_to_image(result.mask, (h, w))
-        io.save_png(j("edit.png"), io.to_uint8(result.edit))
-        io.save_png(j("reconstruction.png"), io.to_uint8(result.reconstruction))
-        io.save_png(j("mask.png"), mask_img)
-        io.save_png(j("mask_raw.png"), io.mask_to_image(result.mask_raw, (h, w)))
-        source = result.source_image if result.source_image is not None else result.reconstruction
-        io.save_png(j("grid.png"), io.grid([source, io.overlay(source, mask_img), result.reconstruction, result.edit],
-                                           ["source", "mask", "reconstruction", "edit"]))
-        names = ["edit.png", "reconstruction.png", "mask.png", "mask_raw.png", "grid.png"]
-        if save_inversion:
-            io.save_npy(j("inversion.npy"), result.inverted)
-            names.append("inversion.npy")
-            if getattr(result, "null_embeddings", None) is not None:  # null-text: needed to edit x_T again
-                io.save_npy(j("null_embeddings.npy"), result.null_embeddings)
-                names.append("null_embeddings.npy")
-        if save_latents:
-            latents = {"inverted": result.inverted, "reconstruction": result.reconstruction_latent,
-                       "edited": result.edited_latent, "mask_raw": result.mask_raw, "mask": result.mask}
-            io.atomic_write(j("latents.npz"), lambda f: np.savez(f, **{k: np.asarray(v) for k, v in latents.items()}))
-            names.append("latents.npz")
-        meta = {
-            "settings": dataclasses.asdict(config),
-            "prompts": result.plan.to_dict(),
-            "model": model_info,
-            "image": image_info,
-            "unet_evaluations": getattr(result, "unet_evaluations", None) or {
-                "per_step": unet_evaluations_per_step(config), "total": unet_evaluations(config)},
-            "timings_s": timings,
-            **({"null_text_iterations": np.asarray(result.null_text_iterations).tolist()}
-               if getattr(result, "null_text_iterations", None) is not None else {}),
-            **(extra_meta or {}),
-        }
-        io.save_json(j("meta.json"), meta)
-        names.append("meta.json")
-        out = stage.commit()
-    return {name: os.path.join(out, name) for name in names}
+    from csg_jax.pipeline import load_pipeline, model_summary
+
+    t0 = time.perf_counter()
+    dtype = getattr(jnp, config.dtype)  # bfloat16 layers cast their weights anyway: keep them so (half the memory)
+    pipe = load_pipeline(resolve_model(args.model), dtype=dtype, param_dtype=dtype, cache=args.cache)
+    return pipe, {k: v for k, v in model_summary(pipe).items() if k != "unet"}, time.perf_counter() - t0
 
 
 def run(args) -> str:
-    import jax.numpy as jnp
     from tqdm import tqdm
 
     from csg_jax import io
     from csg_jax.editing.editor import image_multiple, translate_image
     from csg_jax.errors import ImageError, PromptError
-    from csg_jax.pipeline import load_pipeline, model_summary
+    from csg_jax.outputs import write_item_outputs
 
     if args.demo:
         args.prompt = args.prompt or DEMO_PROMPT
@@ -227,10 +137,7 @@ def run(args) -> str:
     config = edit_config_from_args(args)
 
     phases = tqdm(total=4, disable=args.quiet, desc="load model", bar_format="{desc:<22}{bar}| {n}/{total} [{elapsed}]")
-    t0 = time.perf_counter()
-    model = resolve_model(args.model)
-    pipe = load_pipeline(model, dtype=getattr(jnp, config.dtype), param_dtype=getattr(jnp, config.dtype), cache=args.cache)  # bfloat16 layers cast their weights to bfloat16 anyway: keep them so (half the memory, no per-call cast)
-    load_s = time.perf_counter() - t0
+    pipe, model_info, load_s = _load_pipeline(args, config)
     phases.update()
     phases.set_description("read image")
     native = pipe.unet.config.sample_size * pipe.downsample
@@ -261,7 +168,7 @@ def run(args) -> str:
     phases.set_description("write outputs")
 
     paths = write_item_outputs(
-        args.out, result, config, model_info={k: v for k, v in model_summary(pipe).items() if k != "unet"},
+        args.out, result, config, model_info=model_info,
         image_info={"path": args.image, "demo": bool(args.demo and not args.image), "notices": notices,
                     "inversion_file": args.inversion, "size": list(result.edit.shape[:2])},
         timings={"load": load_s, **result.timings}, save_inversion=args.save_inversion,
@@ -272,13 +179,42 @@ def run(args) -> str:
     return out
 
 
+def run_dataset(args) -> int:
+    """``--manifest ... | --input-dir ...`` (:mod:`csg_jax.dataset`): exit 0 all ok, 3 some failed."""
+    from csg_jax.dataset import DatasetRun, format_summary, maybe_initialize_distributed, read_manifest, scan_folder
+    from csg_jax.errors import CSGError
+
+    distributed = maybe_initialize_distributed(args.distributed)
+    import jax
+
+    if args.image or args.demo or args.inversion:
+        raise CSGError("--manifest / --input-dir replace --image, --demo and --inversion")
+    if args.manifest and args.input_dir:
+        raise CSGError("give --manifest or --input-dir, not both")
+    config = edit_config_from_args(args)
+    if args.manifest:
+        if args.prompt or args.task or args.target_prompt:
+            raise CSGError("with --manifest the prompts come from the manifest; drop --prompt/--task/--target-prompt")
+        items = read_manifest(args.manifest)
+    else:
+        items = scan_folder(args.input_dir, args.prompt, args.task, args.target_prompt, args.source_word)
+    pipe, model_info, load_s = _load_pipeline(args, config)
+    run = DatasetRun(pipe, items, config, args.out, batch_size=args.batch_size, size=args.size,
+                     save_inversion=args.save_inversion, save_latents=args.save_latents, quiet=args.quiet,
+                     model_info=model_info, load_s=load_s)
+    summary = run.run()
+    if jax.process_index() == 0:
+        print(format_summary(summary), flush=True)
+    if distributed:
+        jax.distributed.shutdown()
+    return 0 if summary["failed"] == 0 else 3
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     runtime.configure_from_args(args)
     if args.manifest or args.input_dir:  # dataset mode: exit 0 all ok, 3 some items failed, 2 fatal
-        from csg_jax.dataset import run_cli
-
-        return run_guarded(lambda: run_cli(args), "finished items are in results.jsonl, rerun to resume")
+        return run_guarded(lambda: run_dataset(args), "finished items are in results.jsonl, rerun to resume")
     out = run_guarded(lambda: run(args), "no output written")
     if isinstance(out, int):
         return out

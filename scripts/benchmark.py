@@ -20,7 +20,7 @@ separately), then times full edits (inversion included) and reports:
   compiled program's temp + argument size from XLA's memory analysis;
 * ``single_pass_vs_two_pass``: how far the one-pass mixup moves the edit from the official two-pass one;
 * ``pix2pix_zero_vs_csg``: Pix2Pix-Zero's time per image over CSG's (and the UNet-evaluation ratio; a
-  backward pass through the UNet counts as ``csg.BACKWARD_COST`` = 2 evaluations).
+  backward pass through the UNet counts as ``costs.BACKWARD_COST`` = 2 evaluations).
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from csg_jax import io, runtime  # noqa: E402
 
 runtime.add_xla_flags()  # the GPU flags the csg_jax commands run with (before JAX's backend starts)
 
-from csg_jax.editing import csg  # noqa: E402
-from csg_jax.editing.config import EditConfig  # noqa: E402
-from csg_jax.editing.editor import Editor, batch_prompts, method_knobs, plan_prompts  # noqa: E402
+from csg_jax.editing import costs  # noqa: E402,F401  (costs.BACKWARD_COST, in the docstring)
+from csg_jax.editing.config import EditConfig, Knobs  # noqa: E402
+from csg_jax.editing.editor import Editor, method_knobs, plan_prompts, prepare_prompts  # noqa: E402
 
 METHODS = {
     "ddim": dict(method="ddim"),
@@ -91,9 +91,9 @@ def peak_bytes(compiled) -> dict:
 def bench_method(pipe, image, plan, config: EditConfig, repeats: int, batch: int) -> tuple[dict, np.ndarray]:
     latent_hw = (image.shape[1] // pipe.downsample, image.shape[2] // pipe.downsample)
     editor = Editor(pipe, config, latent_hw)
-    prompts = batch_prompts(pipe, [plan] * batch)
+    prompts = prepare_prompts(pipe, [plan] * batch, config)
     images = jnp.asarray(np.repeat(image, batch, axis=0))
-    knobs = csg.Knobs.from_config(config)
+    knobs = Knobs.from_config(config)
     extra = method_knobs(config)  # P2P / Pix2Pix-Zero array settings (None otherwise)
     params = pipe.params
 
@@ -101,19 +101,19 @@ def bench_method(pipe, image, plan, config: EditConfig, repeats: int, batch: int
     # repeats are the only executions: on a CPU an SD-1.5-sized edit takes minutes per run.
     shape = lambda f, *a: jax.eval_shape(f, *a)
     t0 = time.perf_counter()
-    c_encode = editor._encode.lower(params, images, None).compile()
-    x0 = shape(editor._encode, params, images, None)
-    c_invert = editor._invert.lower(params, x0, prompts.source).compile()
-    x_T = shape(editor._invert, params, x0, prompts.source)
-    c_edit = editor._edit.lower(params, x_T, prompts, knobs, extra).compile()
-    edited = shape(editor._edit, params, x_T, prompts, knobs, extra)["edited"]
-    c_decode = editor._decode.lower(params, edited).compile()
+    c_encode = editor.lower("encode", params, images).compile()
+    x0 = shape(editor.jitted("encode"), params, images)
+    c_invert = editor.lower("invert", params, x0, prompts.source).compile()
+    x_T = shape(editor.jitted("invert"), params, x0, prompts.source)
+    c_edit = editor.lower("edit", params, x_T, prompts, knobs, extra).compile()
+    edited = shape(editor.jitted("edit"), params, x_T, prompts, knobs, extra)["edited"]
+    c_decode = editor.lower("decode", params, edited).compile()
     compile_s = time.perf_counter() - t0
 
     times, phase = [], {}
     for _ in range(repeats):
         t0 = time.perf_counter()
-        x0 = jax.block_until_ready(c_encode(params, images, None))
+        x0 = jax.block_until_ready(c_encode(params, images))
         t1 = time.perf_counter()
         x_T = jax.block_until_ready(c_invert(params, x0, prompts.source))
         t2 = time.perf_counter()

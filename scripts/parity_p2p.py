@@ -49,7 +49,7 @@ def ours(folder: str, x_T, cases, settings: dict) -> dict:
     import numpy as np
 
     from csg_jax.editing.config import EditConfig
-    from csg_jax.editing.editor import Editor, batch_prompts, plan_prompts
+    from csg_jax.editing.editor import Editor, plan_prompts, prepare_prompts
     from csg_jax.pipeline import load_pipeline
 
     pipe = load_pipeline(folder)
@@ -58,7 +58,7 @@ def ours(folder: str, x_T, cases, settings: dict) -> dict:
     for name, target, steps, extra in cases:
         config = EditConfig.for_method("p2p", num_steps=steps, **{**settings, **extra})
         plan = plan_prompts(pipe, SRC, target_prompt=target, negative="empty")
-        prompts = batch_prompts(pipe, [plan], config.equalizer_words, config.token_alignment)
+        prompts = prepare_prompts(pipe, [plan], config)
         res = Editor(pipe, config, x.shape[1:3]).edit(x, prompts, config)
         out[name] = {k: np.asarray(v) for k, v in res.items()}
         out[name]["plan"] = plan

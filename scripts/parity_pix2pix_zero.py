@@ -152,16 +152,17 @@ def step_check(pipe, o: dict, trace, x_T_released) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from csg_jax.editing import csg, pix2pix_zero
+    from csg_jax.editing import pix2pix_zero
+    from csg_jax.editing.config import Knobs
     from csg_jax.models.attention import AttentionControl
     from csg_jax.schedule import ddim_transfer, inversion_plan, sampling_plan
 
     editor, prompts, config = o["_editor"], o["_prompts"], o["_config"]
     params, sched, layers = pipe.params, editor.schedule, editor.layers
-    knobs, pk = csg.Knobs.from_config(config), pix2pix_zero.Knobs.from_config(config)
+    knobs, pk = Knobs.from_config(config), pix2pix_zero.Knobs.from_config(config)
     names = tuple(l.name for l in layers.cross_layers)
     record = AttentionControl(record=tuple((n, "probs") for n in names))
-    key = editor._rng(config.seed)
+    key = jax.random.PRNGKey(config.seed) if config.noise_regularization else None
     unet = lambda x, t, ctx, control=None: pipe.unet.apply({"params": params["unet"]}, x, t, ctx, control)
     nhwc = lambda a: jnp.asarray(np.transpose(np.asarray(a, np.float32), (0, 2, 3, 1)))
     nchw = lambda a: np.transpose(np.asarray(a, np.float64), (0, 3, 1, 2))

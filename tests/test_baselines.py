@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csg_jax.editing import csg, p2p, pix2pix_zero
+from csg_jax.editing import core, costs, p2p, pix2pix_zero
 from csg_jax.editing.config import EditConfig
 from csg_jax.editing.editor import batch_prompts, get_editor, plan_prompts, to_model_range, translate_image
 from csg_jax.errors import ConfigError
@@ -60,7 +60,7 @@ def prompts(pipe, plans):
     return {neg: batch_prompts(pipe, [plan]) for neg, plan in plans.items()}
 
 
-def identity_edit(p: csg.Prompts) -> csg.Prompts:
+def identity_edit(p: core.Prompts) -> core.Prompts:
     """Target prompt = source prompt (same shapes: 'dog' and 'cat' are one token each)."""
     ident = jnp.broadcast_to(jnp.arange(p.ref_columns.shape[1], dtype=jnp.int32), p.ref_columns.shape)
     source_word = np.zeros(p.target_weights.shape, np.float32)
@@ -120,14 +120,14 @@ def test_p2p_defaults_are_its_own_and_the_paper_setting_is_the_shared_default():
 
 
 def test_unet_evaluation_counts():
-    per = lambda **kw: csg.unet_evaluations_per_step(EditConfig(**kw))
+    per = lambda **kw: costs.unet_evaluations_per_step(EditConfig(**kw))
     assert per(method="p2p") == {"inversion": 1, "source": 2, "target": 2}
     # reference maps 1 + gradient on both halves 2 x (1 forward + 2 for the backward) + edited prediction 2
     assert per(method="pix2pix-zero") == {"inversion": 1, "source": 1, "target": 9}
     assert per(method="csg")["target"] == 5
     nt = per(method="ddim", inversion="null-text")
     assert nt["source"] == 2 and nt["null_text"] == 2 + 3 * 10
-    assert csg.unet_evaluations(EditConfig(method="pix2pix-zero", num_steps=10)) == 10 * (1 + 1 + 9)
+    assert costs.unet_evaluations(EditConfig(method="pix2pix-zero", num_steps=10)) == 10 * (1 + 1 + 9)
 
 
 def test_p2p_step_counts_follow_p2p_rounding():
@@ -138,7 +138,7 @@ def test_p2p_step_counts_follow_p2p_rounding():
 
 def test_p2p_layers_scale_with_the_latent(pipe):
     scaled = EditConfig(method="p2p", self_replace_layers="scaled", blend_layers="resolution")
-    plan = p2p.plan_layers(pipe.unet.config, LATENT_HW, csg.plan_layers(pipe.unet.config, LATENT_HW, 4), scaled)
+    plan = p2p.plan_layers(pipe.unet.config, LATENT_HW, core.plan_layers(pipe.unet.config, LATENT_HW, 4), scaled)
     assert plan.blend and all(l.resolution == (4, 4) for l in plan.blend)  # 16x16 of 64x64 -> 4x4 of 16x16
     assert plan.self_replaced and all(l.resolution[0] * l.resolution[1] <= 16 for l in plan.self_replaced)
     assert {l.name for l in plan.cross} == {l.name for l in attention_layers(pipe.unet.config, LATENT_HW) if l.kind == "cross"}
@@ -238,7 +238,7 @@ def test_pix2pix_zero_gradient_matches_finite_differences(pipe, x_T, prompts):
     """jax.grad of the cross-attention loss through the UNet vs a central difference along a
     direction mixing the gradient with noise (float32: relative tolerance 2e-2)."""
     p = prompts["source"]
-    layers = csg.plan_layers(pipe.unet.config, LATENT_HW, 4)
+    layers = core.plan_layers(pipe.unet.config, LATENT_HW, 4)
     names = tuple(l.name for l in layers.cross_layers)
     t = jnp.asarray(501, jnp.int32)
     record = AttentionControl(record=tuple((n, "probs") for n in names))

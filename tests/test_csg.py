@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csg_jax.editing import csg
-from csg_jax.editing.config import EditConfig
+from csg_jax.editing import core, csg
+from csg_jax.editing.config import EditConfig, Knobs
 from csg_jax.editing.editor import (
     batch_prompts, get_editor, image_multiple, plan_prompts, translate_image,
 )
@@ -70,7 +70,7 @@ def schedule(pipe):
 
 @pytest.fixture(scope="module")
 def layer_plan(pipe):
-    return csg.plan_layers(pipe.unet.config, LATENT_HW, CONFIG.mask_resolution(LATENT_HW))
+    return core.plan_layers(pipe.unet.config, LATENT_HW, CONFIG.mask_resolution(LATENT_HW))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def target_pass_fn(pipe, schedule, layer_plan):
 
 
 def knobs(**changes):
-    return csg.Knobs.from_config(CONFIG.replace(**changes))
+    return Knobs.from_config(CONFIG.replace(**changes))
 
 
 # --- independent reference source pass (csg-reference.md sections 2-3) ---------------------
@@ -161,9 +161,9 @@ def reference_source(pipe, x_T, prompts):
 
 
 def _source_result(ref, mask=None):
-    """A csg.SourceResult from the reference source pass, optionally with another M-hat."""
+    """A core.SourceResult from the reference source pass, optionally with another M-hat."""
     f32 = lambda a: jnp.asarray(a, jnp.float32)
-    return csg.SourceResult(f32(ref["reconstruction"]), ref["trajectory"], f32(ref["mask_raw"]),
+    return core.SourceResult(f32(ref["reconstruction"]), ref["trajectory"], f32(ref["mask_raw"]),
                             f32(ref["mask"] if mask is None else mask))
 
 
@@ -328,14 +328,14 @@ def test_source_pass_reconstruction_is_ddim_on_the_source_prompt(csg_outputs, re
 
 def test_step_mask_upsamples_coarse_layers_to_mask_res(pipe, prompts, reference_source):
     """mask_res = 8 averages four cross layers (three 8x8 ones and the 4x4 mid block, upsampled bicubically)."""
-    plan = csg.plan_layers(pipe.unet.config, LATENT_HW, 8)
+    plan = core.plan_layers(pipe.unet.config, LATENT_HW, 8)
     layers, self_layer = _reference_layers(pipe, 8)
     assert [l.name for l in plan.mask_layers] == [l.name for l in layers] and len(layers) == 4
     assert plan.self_layer == self_layer
     cols = jnp.asarray([DOG], jnp.int32)
     for probs in reference_source["probs"]:
         records = {l.name: jnp.asarray(probs[l.name])[..., cols[0]].mean(axis=1) for l in layers}
-        got = csg.step_mask(records, prompts._replace(source_columns=cols), plan, LATENT_HW)
+        got = core.step_mask(records, prompts._replace(source_columns=cols), plan, LATENT_HW)
         want = _step_mask_np(probs, layers, DOG, 8)
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
 
@@ -370,7 +370,7 @@ def test_image_sides_must_be_multiples_of_the_model_factor(pipe, shape):
 # --- 10: memory -------------------------------------------------------------------------------
 
 def _temp_bytes(pipe, ed, x_T, prompts):
-    stats = ed._edit.lower(pipe.params, x_T, prompts, knobs()).compile().memory_analysis()
+    stats = ed.lower("edit", pipe.params, x_T, prompts, knobs()).compile().memory_analysis()
     if stats is None or not hasattr(stats, "temp_size_in_bytes"):
         pytest.skip("memory_analysis() is not available on this backend")
     return stats.temp_size_in_bytes
@@ -429,7 +429,7 @@ def test_attention_store_size_and_budget():
     8 heads everywhere; 5 cross layers each at 32x32, 16x16 and 8x8 (2 down + 3 up), 1 at 4x4 (mid)."""
     from csg_jax.models.unet import UNetConfig
 
-    plan = csg.plan_layers(UNetConfig(), (32, 32), 8)
+    plan = core.plan_layers(UNetConfig(), (32, 32), 8)
     per_step = 8 * 77 * 4 * (5 * 32 * 32 + 5 * 16 * 16 + 5 * 8 * 8 + 4 * 4)
     assert per_step == 16_597_504  # the 16.6 MB of the speed issue
     assert csg.source_maps_bytes(plan, 3, 10, jnp.float32) == 30 * per_step

@@ -171,7 +171,7 @@ def test_per_item_seeds_draw_each_images_own_posterior_sample(tiny_sd1):
     import jax
     import jax.numpy as jnp
 
-    from csg_jax.dataset import encode_items
+    from csg_jax.editing.editor import encode_items
 
     images = jnp.asarray(make_batch(5, 3, size=32)["images"], jnp.float32) / 127.5 - 1.0
     seeds = [7, 7, 11]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csg_jax.editing import csg, p2p, p2p_align
+from csg_jax.editing import core, p2p, p2p_align
 from csg_jax.editing.config import EditConfig
 from csg_jax.editing.editor import batch_prompts, get_editor, plan_prompts
 from csg_jax.errors import ConfigError
@@ -134,7 +134,7 @@ SD = UNetConfig()  # SD 1.x: 64 x 64 latents at 512 px
     (96, "scaled", ["down_blocks.2", "mid_block", "up_blocks.1"]),
 ])
 def test_self_attention_replacement_layers(latent, rule, blocks):
-    mask = csg.plan_layers(SD, (latent, latent), latent // 4)
+    mask = core.plan_layers(SD, (latent, latent), latent // 4)
     plan = p2p.plan_layers(SD, (latent, latent), mask, EditConfig(method="p2p", self_replace_layers=rule))
     counts = {"mid_block": 1, "down_blocks": 2, "up_blocks": 3}
     want = [n for b in blocks for n in _attn(b, counts[b.split(".")[0]], "attn1")]
@@ -142,20 +142,20 @@ def test_self_attention_replacement_layers(latent, rule, blocks):
 
 
 def test_released_blend_layers_are_down_2_4_and_up_0_3_of_the_stored_cross_layers():
-    at = lambda latent: p2p.plan_layers(SD, (latent, latent), csg.plan_layers(SD, (latent, latent), 16),
+    at = lambda latent: p2p.plan_layers(SD, (latent, latent), core.plan_layers(SD, (latent, latent), 16),
                                         EditConfig(method="p2p", local_blend=True))
     plan = at(64)  # 512 px: exactly the five 16x16 layers, never the mid block
     assert _names(plan.blend) == sorted(_attn("down_blocks.2", 2, "attn2") + _attn("up_blocks.1", 3, "attn2"))
     assert plan.blend_hw == (16, 16) and plan.blend_released
     plan = at(32)  # 256 px: the 16x16 down layers and the 8x8 up layers (read as 16x16 blocks)
     assert _names(plan.blend) == sorted(_attn("down_blocks.1", 2, "attn2") + _attn("up_blocks.1", 3, "attn2"))
-    old = p2p.plan_layers(SD, (32, 32), csg.plan_layers(SD, (32, 32), 8), EditConfig(method="p2p", blend_layers="resolution"))
+    old = p2p.plan_layers(SD, (32, 32), core.plan_layers(SD, (32, 32), 8), EditConfig(method="p2p", blend_layers="resolution"))
     assert {l.resolution for l in old.blend} == {(8, 8)} and not old.blend_released
 
 
 def test_released_blend_layers_that_the_released_code_cannot_read_are_a_config_error(tiny_sd1):
     cfg = tiny_sd1.unet.config  # at 8x8 latents the first up layers have 4 heads x 4x4 pixels: not 256-divisible
-    mask = csg.plan_layers(cfg, (8, 8), 2)
+    mask = core.plan_layers(cfg, (8, 8), 2)
     with pytest.raises(ConfigError, match="blend_layers='resolution'"):
         p2p.plan_layers(cfg, (8, 8), mask, EditConfig(method="p2p", local_blend=True))
     p2p.plan_layers(cfg, (8, 8), mask, EditConfig(method="p2p"))  # no LocalBlend: no error
@@ -187,7 +187,7 @@ def released_local_blend(store, alpha, x_t, threshold, start, step):
 def test_local_blend_on_recorded_maps_is_the_released_one(tiny_sd1):
     cfg = tiny_sd1.unet.config  # 32x32 latents: stored cross layers down 32^2, 16^2; up 16^2 x2, 32^2 x2
     latent = (32, 32)
-    plan = p2p.plan_layers(cfg, latent, csg.plan_layers(cfg, latent, 8), EditConfig(method="p2p", local_blend=True))
+    plan = p2p.plan_layers(cfg, latent, core.plan_layers(cfg, latent, 8), EditConfig(method="p2p", local_blend=True))
     assert [l.resolution for l in plan.blend] == [(16, 16), (16, 16), (32, 32)]  # up[:3]; down[2:4] is empty
     rng = np.random.RandomState(1)
     alpha = np.zeros((2, T), np.float32)

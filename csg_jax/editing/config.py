@@ -1,4 +1,10 @@
-"""EditConfig: every knob of an edit, one frozen (hashable, jit-static) dataclass.
+"""EditConfig: every setting of an edit, one frozen (hashable, jit-static) dataclass.
+
+The shared settings are declared here; each method's own options are declared in its plug-in
+module (``Options``) and nested under its ``OPTIONS_KEY`` (``config.p2p.local_blend``; YAML nests
+the same way). Flat names keep working everywhere a setting is named -- ``EditConfig(local_blend=True)``,
+``config.replace(cross_replace_steps=0.5)``, ``config.local_blend``, flat YAML / CSV keys -- since
+every setting's name is unique. ``to_dict`` is flat (meta.json's ``settings``).
 
 Defaults reproduce the official CSG behaviour (``shared/docs/csg-reference.md``) except where a
 named option selects the official variant (``inversion="official"``, ``encode="sample"``).
@@ -6,146 +12,132 @@ named option selects the official variant (``inversion="official"``, ``encode="s
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Optional
 
+import numpy as np
+
+from csg_jax.editing import registry, schema
+from csg_jax.editing.schema import at_least, knob, positive
 from csg_jax.errors import ConfigError
 
-METHODS = ("csg", "csg-no-mixup", "ddim", "p2p", "pix2pix-zero")
-INVERSIONS = ("standard", "official", "null-text")
-ENCODINGS = ("mean", "sample")
-NEGATIVES = ("source", "empty")
-MIXUPS = ("two-pass", "single-pass")
-DTYPES = ("float32", "bfloat16")
-SELF_REPLACE_LAYERS = ("null-text", "stable", "scaled")
-BLEND_LAYERS = ("released", "resolution")
-BLEND_MAPS = ("released", "own")
-TOKEN_ALIGNMENTS = ("released", "similarity")
-# Each baseline's published defaults where they differ from the shared ones (CSG official).
-# Pix2Pix-Zero's released inversion (ddim_inv.py): timesteps[1:-1] of the flipped schedule (our
-# "official" N-2 step variant) with the regularised noise, always on in its edit_real.py.
-METHOD_DEFAULTS = {"p2p": {"guidance_scale": 7.5, "negative_prompt": "empty"},
-                   "pix2pix-zero": {"inversion": "official", "noise_regularization": True}}
+
+def _method_check(v) -> Optional[str]:
+    return None if v in registry.METHODS else f"not supported; choose one of {', '.join(registry.METHODS)}"
 
 
-def _bool(v) -> bool:
-    if isinstance(v, str):
-        if v.lower() in ("1", "true", "yes", "on"):
-            return True
-        if v.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"not a boolean: {v!r}")
-    return bool(v)
+@dataclasses.dataclass(frozen=True, init=False)
+class _Shared:
+    """Settings every method has. (EditConfig = these + one nested group per method's Options.)"""
 
+    method: str = knob("csg", "static", "editing method: " + "; ".join(f"{k}: {e.summary}" for k, e in registry.METHODS.items()),
+                       check=_method_check)
+    num_steps: int = knob(50, "static", "DDIM steps", check=at_least(3), flag="--steps", aliases=("steps",))
+    guidance_scale: float = knob(5.0, "image", "classifier-free guidance scale")
+    negative_prompt: str = knob("source", "host", "negative prompt: the source prompt (official) or empty",
+                                choices=("source", "empty"), flag="--negative", aliases=("negative",))
+    mask_res: Optional[int] = knob(None, "static", "cross-attention resolution of the mask (default latent size / 4, "
+                                   "16 for 64x64 latents, as official)", type=int, check=positive)
+    seed: int = knob(0, "host", "seed (VAE sampling with --encode sample; noise regularisation rolls)")
+    inversion: str = knob("standard", "static", "DDIM inversion: standard, the authors' N-2 step variant "
+                          "(reproduces the paper), or null-text (standard + per-step optimised negative embeddings)",
+                          choices=("standard", "official", "null-text"), flag="--inversion-variant",
+                          aliases=("inversion_variant",))
+    encode: str = knob("mean", "host", "VAE posterior mean (deterministic) or a seeded sample (official)",
+                       choices=("mean", "sample"))
+    dtype: str = knob("float32", "static", "activation dtype", choices=("float32", "bfloat16"))
+    noise_regularization: bool = knob(False, "static", "Pix2Pix-Zero's auto-correlation + KL regularisation of the "
+                                      "inversion's noise (any method; on by default for pix2pix-zero, as released)")
+    null_text_steps: int = knob(10, "static", "null-text: Adam steps per timestep (early stop below 1e-5 + 2e-5 i)",
+                                check=at_least(1))
 
-@dataclasses.dataclass(frozen=True)
-class EditConfig:
-    method: str = "csg"  # "csg" | "csg-no-mixup" | "ddim" (Eq. 3) | baselines "p2p" | "pix2pix-zero"
-    num_steps: int = 50
-    guidance_scale: float = 5.0
-    negative_prompt: str = "source"  # official: the source prompt is the negative prompt; or "empty"
-    posterior_guidance: float = 10.0  # lambda^pre of Eq. 15
-    mask_res: Optional[int] = None  # None: latent size / 4 (16 for 64x64 latents, as official)
-    delta: float = 1.5  # period of the cosine gate, Eq. 16
-    seed: int = 0
-    inversion: str = "standard"  # or "official" (N-2 steps, one index off; reproduces the paper),
-    #                               or "null-text" (standard + per-step optimised negative embeddings)
-    encode: str = "mean"  # VAE posterior "mean" (deterministic) or "sample" (official, seeded)
-    mixup: str = "two-pass"  # official two UNet passes, or "single-pass" (mix live maps in one pass)
-    dtype: str = "float32"
-    # CSG two-pass mixup: keep the source pass's cross-attention maps of every step (one UNet
-    # evaluation per step fewer) when they take at most this many GB per program, else recompute
-    # them (memory flat in the number of steps). 0: always recompute.
-    max_attention_store_gb: float = 4.0
-    # -- Prompt-to-Prompt (method "p2p"; csg_jax/editing/p2p.py) --
-    cross_replace_steps: float = 0.8  # fraction of steps whose target cross-attention is the source's
-    self_replace_steps: float = 0.4  # fraction of steps whose coarse self-attention is the source's
-    local_blend: bool = False  # keep the latent outside the source/target word maps (LocalBlend)
-    blend_threshold: float = 0.3  # LocalBlend threshold on the max-normalised word maps
-    blend_start: float = 0.2  # LocalBlend acts from this fraction of the steps on
-    equalizer_words: Optional[str] = None  # target-prompt words to re-weight (None: the target words)
-    equalizer_scale: float = 1.0  # factor on their cross-attention columns (1: no re-weighting)
-    # which released behaviour (google/prompt-to-prompt; p2p.py's docstring says where each is made):
-    self_replace_layers: str = "null-text"  # <= 32^2 query pixels (null-text notebook) | "stable" (<= 16^2) | "scaled"
-    blend_layers: str = "released"  # LocalBlend's down[2:4] + up[:3] read as 16x16 | "resolution" (latent / 4)
-    blend_maps: str = "released"  # target word's map after replacement (in-place store) | "own" (before)
-    token_alignment: str = "released"  # seq_aligner's word-swap / refinement mapper | "similarity" (CSG's)
-    # -- Pix2Pix-Zero (method "pix2pix-zero"; csg_jax/editing/pix2pix_zero.py) --
-    xa_guidance: float = 0.1  # SGD step on x_t for the cross-attention loss
-    source_sentences: Optional[str] = None  # text file, one sentence per line (edit direction);
-    target_sentences: Optional[str] = None  # None: the source and target prompts themselves
-    noise_regularization: bool = False  # pix2pix-zero's auto-correlation + KL regularised inversion
-    # -- null-text inversion (inversion "null-text"; csg_jax/editing/null_text.py) --
-    null_text_steps: int = 10  # Adam steps per timestep (early stop below 1e-5 + 2e-5 i)
+    def __init__(self, **settings: Any):
+        own = {f.name: f for f in dataclasses.fields(self)}
+        values, nested = {}, {g: {} for g in _GROUPS}
+        for k, v in settings.items():
+            if k in own:
+                values[k] = v
+            elif k in _FLAT:
+                nested[_FLAT[k]][k] = v
+            else:
+                raise ConfigError(f"unknown edit setting {k!r}; known: {', '.join(sorted(set(own) | set(_FLAT)))}")
+        for name, f in own.items():
+            if schema.is_group(f):
+                obj = values.get(name, f.default_factory())
+                if isinstance(obj, dict):
+                    obj = f.default_factory(**obj)
+                if nested[name]:
+                    obj = dataclasses.replace(obj, **nested[name])
+                object.__setattr__(self, name, obj)
+            else:
+                object.__setattr__(self, name, values.get(name, f.default))
+        schema.validate(own["method"], self.method)
+        implied = dict(registry.entry(self.method).implies)
+        for g in _GROUPS:  # settings the method's name implies (e.g. csg-no-mixup: mixup "none")
+            mine = {k: v for k, v in implied.items() if _FLAT.get(k) == g}
+            if mine:
+                object.__setattr__(self, g, dataclasses.replace(getattr(self, g), **mine))
+        for group, f in schema.leaves(self):
+            schema.validate(f, getattr(self if group is None else getattr(self, group), f.name))
 
-    def __post_init__(self):
-        checks = [("method", METHODS), ("inversion", INVERSIONS), ("encode", ENCODINGS),
-                  ("negative_prompt", NEGATIVES), ("mixup", MIXUPS), ("dtype", DTYPES),
-                  ("self_replace_layers", SELF_REPLACE_LAYERS), ("blend_layers", BLEND_LAYERS),
-                  ("blend_maps", BLEND_MAPS), ("token_alignment", TOKEN_ALIGNMENTS)]
-        for name, allowed in checks:
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported; choose one of {', '.join(allowed)}")
-        if int(self.num_steps) < 3:
-            raise ConfigError(f"num_steps must be at least 3, got {self.num_steps}")
-        if self.mask_res is not None and int(self.mask_res) < 1:
-            raise ConfigError(f"mask_res must be positive, got {self.mask_res}")
-        if not float(self.max_attention_store_gb) >= 0:
-            raise ConfigError(f"max_attention_store_gb must be non-negative, got {self.max_attention_store_gb}")
-        if self.delta <= 0:
-            raise ConfigError(f"delta must be positive, got {self.delta}")
-        for name in ("cross_replace_steps", "self_replace_steps", "blend_threshold", "blend_start"):
-            if not 0.0 <= float(getattr(self, name)) <= 1.0:
-                raise ConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.equalizer_scale < 0:
-            raise ConfigError(f"equalizer_scale must be non-negative, got {self.equalizer_scale}")
-        if self.xa_guidance < 0:
-            raise ConfigError(f"xa_guidance must be non-negative, got {self.xa_guidance}")
-        if (self.source_sentences is None) != (self.target_sentences is None):
-            raise ConfigError("give both source_sentences and target_sentences (the edit direction), or neither")
-        if int(self.null_text_steps) < 1:
-            raise ConfigError(f"null_text_steps must be at least 1, got {self.null_text_steps}")
-
-    @property
-    def uses_mixup(self) -> bool:
-        return self.method == "csg"
-
-    @property
-    def uses_guidance(self) -> bool:
-        return self.method in ("csg", "csg-no-mixup")
+    def __getattr__(self, name: str):
+        """Flat access to a method option (``config.local_blend`` = ``config.p2p.local_blend``)."""
+        group = _FLAT.get(name)
+        if group is None:
+            raise AttributeError(f"{type(self).__name__} has no setting {name!r}")
+        return getattr(getattr(self, group), name)
 
     def mask_resolution(self, latent_hw: tuple[int, int]) -> int:
         return int(self.mask_res) if self.mask_res else max(1, min(latent_hw) // 4)
 
     @classmethod
     def for_method(cls, method: str = "csg", **changes: Any) -> "EditConfig":
-        """A config with the method's own published defaults (:data:`METHOD_DEFAULTS`), then ``changes``.
+        """A config with the method's own published defaults (its plug-in's ``DEFAULTS``), then ``changes``.
 
         ``EditConfig(method="p2p")`` keeps the shared defaults (guidance 5, source prompt as
         negative: the CSG paper's comparison setting); ``EditConfig.for_method("p2p")`` is
         Prompt-to-Prompt's own (guidance 7.5, empty negative prompt).
         """
-        return cls(**{"method": method, **METHOD_DEFAULTS.get(method, {}), **changes})
+        return cls(**{"method": method, **registry.module(method).DEFAULTS, **changes})
 
     def replace(self, **changes: Any) -> "EditConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (flat or group names). A new method drops the old one's implied settings."""
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if changes.get("method", self.method) != self.method:
+            defaults = {f.name: f.default for _, f in schema.leaves(self)}
+            for k, _ in registry.entry(self.method).implies:
+                if k not in changes:
+                    changes[k] = defaults[k]
+        return type(self)(**{**current, **changes})
+
+    def static(self) -> "EditConfig":
+        """The part that shapes the compiled program (traced and host settings at their defaults)."""
+        return schema.static_part(self)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "EditConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k.replace("-", "_"): v for k, v in (d or {}).items()}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown edit setting(s) {unknown}; known: {sorted(names)}")
-        types = {"num_steps": int, "guidance_scale": float, "posterior_guidance": float, "delta": float, "seed": int,
-                 "cross_replace_steps": float, "self_replace_steps": float, "blend_threshold": float,
-                 "blend_start": float, "equalizer_scale": float, "max_attention_store_gb": float, "xa_guidance": float, "null_text_steps": int,
-                 "local_blend": _bool, "noise_regularization": _bool}
-        try:
-            d = {k: (types[k](v) if k in types else v) for k, v in d.items()}
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{source}: {e}") from None
-        return cls(**d)
+    def from_dict(cls, d: Optional[dict], source: str = "config") -> "EditConfig":
+        """From YAML / JSON / CSV values: nested groups or flat names, aliases, strings coerced."""
+        changes = {}
+        for k, v in (d or {}).items():
+            k = str(k).strip().replace("-", "_")
+            if k in _GROUPS and isinstance(v, dict):
+                items = [(str(kk).strip().replace("-", "_"), vv) for kk, vv in v.items()]
+                for kk, _ in items:
+                    if _FLAT.get(_ALIASES.get(kk, kk)) != k:
+                        raise ConfigError(f"{source}: {k}.{kk} is not a {k} option; {k} options: "
+                                          f"{', '.join(n for n, g in _FLAT.items() if g == k)}")
+            else:
+                items = [(k, v)]
+            for kk, vv in items:
+                name = cls.canonical_name(kk)
+                if name not in _LEAVES:
+                    raise ConfigError(f"{source}: unknown edit setting {kk!r}; known: {', '.join(sorted(_LEAVES))}")
+                try:
+                    changes[name] = schema.coerce(_LEAVES[name], vv)
+                except ValueError as e:
+                    raise ConfigError(f"{source}: {e}") from None
+        return cls(**changes)
 
     @classmethod
     def from_yaml(cls, path: str) -> "EditConfig":
@@ -161,4 +153,59 @@ class EditConfig:
         return cls.from_dict(data.get("edit", data), source=path)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Flat {setting: value} (meta.json's ``settings``)."""
+        return {f.name: getattr(self if g is None else getattr(self, g), f.name) for g, f in schema.leaves(self)}
+
+    @staticmethod
+    def canonical_name(name: str) -> str:
+        """A setting's name from a file's spelling: dashes, aliases such as ``steps``, or dotted
+        ``group.name`` (a CSV header's ``p2p.blend_start``)."""
+        name = str(name).strip().replace("-", "_")
+        group, dot, leaf = name.rpartition(".")
+        if dot and _FLAT.get(_ALIASES.get(leaf, leaf)) == group:
+            name = leaf
+        return _ALIASES.get(name, name)
+
+
+def _option_groups() -> list:
+    out = []
+    for mod in registry.modules():
+        if getattr(mod, "Options", None) is not None:
+            out.append((mod.OPTIONS_KEY, mod.Options, schema.group(mod.Options)))
+    return out
+
+
+EditConfig = dataclasses.make_dataclass("EditConfig", _option_groups(), bases=(_Shared,), frozen=True, init=False)
+EditConfig.__module__ = __name__
+EditConfig.__doc__ = __doc__.split("\n\n")[0] + "\n\nGroups: " + ", ".join(g for g, _, _ in _option_groups()) + "."
+_GROUPS = tuple(f.name for f in dataclasses.fields(EditConfig) if schema.is_group(f))
+_LEAVES = {f.name: f for _, f in schema.leaves(EditConfig)}
+_FLAT = {f.name: g for g, f in schema.leaves(EditConfig) if g is not None}  # option name -> its group
+_ALIASES = {a: f.name for f in _LEAVES.values() for a in f.metadata["aliases"]}
+if len(_LEAVES) != sum(1 for _ in schema.leaves(EditConfig)):
+    raise RuntimeError("two settings share a name: flat names must be unique across method options")
+METHODS = registry.names()
+
+
+def fields_of_kind(*kinds: str) -> tuple[str, ...]:
+    """Names of the settings of these kinds, in declaration order."""
+    return tuple(n for n, f in _LEAVES.items() if f.metadata["kind"] in kinds)
+
+
+class Knobs(collections.namedtuple("Knobs", fields_of_kind("image"))):
+    """The ``image`` settings as float32 arrays (sweeping them does not recompile): each a scalar
+    () shared by the batch, or (B,) with one value per image (dataset items that override them).
+    Fields in declaration order: guidance_scale, then the methods' (CSG's posterior_guidance, delta)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_config(cls, config) -> "Knobs":
+        import jax.numpy as jnp
+
+        return cls(*(jnp.asarray(getattr(config, n), jnp.float32) for n in cls._fields))
+
+    @classmethod
+    def stack(cls, configs) -> "Knobs":
+        """(B,) float32 numpy arrays, one value per config (host arrays, ready for device_put)."""
+        return cls(*(np.asarray([getattr(c, n) for c in configs], np.float32) for n in cls._fields))

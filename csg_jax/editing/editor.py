@@ -1,249 +1,82 @@
-"""The editing API: prompts -> batched conditioning, and jit-compiled invert / edit functions.
+"""The editing API: one compiled program per model, latent size and static config.
 
-``translate_image(pipe, image, prompt, task=... | target_prompt=..., config=EditConfig())``
-is the one-call entry point; :class:`Editor` keeps the compiled functions for a model, a
-latent size and the static part of a config, so that an image is inverted once and edited
-for many tasks (``editor.invert`` then ``editor.edit``) without recompiling.
+:class:`Editor` holds the whole encode -> invert (or null-text) -> edit -> decode program for a
+model, a latent size and the static part of a config (:meth:`EditConfig.static`): the pure,
+jit-able :meth:`Editor.program` over a batch (dataset mode wraps it in ``shard_map``, the
+benchmarks lower it), and its stages jitted one by one (:meth:`Editor.encode`, ``invert``,
+``invert_null_text``, ``edit``, ``decode``) so that an image is inverted once and edited for many
+tasks without recompiling. The method is a plug-in (:mod:`csg_jax.editing.registry`);
+``translate_image(pipe, image, prompt, task=... | target_prompt=..., config=EditConfig())`` runs
+the program's stages on a batch of one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
-from typing import Optional, Sequence
+import weakref
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from csg_jax import prompts as P
-from csg_jax.editing import csg, null_text, p2p, p2p_align, pix2pix_zero
-from csg_jax.editing.config import EditConfig
-from csg_jax.errors import ImageError, PromptError
+from csg_jax.editing import costs, null_text, pix2pix_zero, registry
+from csg_jax.editing.config import EditConfig, Knobs
+from csg_jax.editing.core import EditOutputs, EditRun, Prompts, ddim_inversion, plan_layers
+from csg_jax.editing.plans import PromptPlan, batch_prompts, plan_prompts  # noqa: F401  (the API)
+from csg_jax.errors import ImageError
 from csg_jax.schedule import make_schedule
 
 
-@dataclasses.dataclass(frozen=True)
-class PromptPlan:
-    """Everything about one image's prompts, in plain Python (goes into meta.json)."""
-
-    source_prompt: str
-    target_prompt: str
-    negative_prompt: str
-    source_word: str
-    target_words: str
-    source_span: tuple[int, int]  # token positions [start, end), BOS = 0
-    target_span: tuple[int, int]
-    ref_columns: tuple[int, ...]  # (77,) source column for each target column
-    warnings: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["ref_columns_changed"] = {i: c for i, c in enumerate(self.ref_columns) if c != i}
-        del d["ref_columns"]
-        return d
-
-
-def _token_count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text.strip() else 0
-
-
-def _word_states_fn(pipe):
-    """Embeds single words: mean final text-encoder state over the word's tokens."""
-
-    def embed(words: list[str]) -> np.ndarray:
-        states = np.asarray(pipe.embed(list(words)))
-        out = []
-        for w, s in zip(words, states):
-            n = max(1, _token_count(pipe.tokenizer, w))
-            out.append(s[1 : 1 + n].mean(0))
-        return np.stack(out)
-
-    return embed
-
-
-def plan_prompts(pipe, source_prompt: str, task: Optional[str] = None, target_prompt: Optional[str] = None,
-                 source_word: Optional[str] = None, negative: str = "source") -> PromptPlan:
-    """Build the target prompt (from a task) and locate the source word's and target words' tokens."""
-    tok = pipe.tokenizer
-    warnings = []
-    source_prompt, warn = P.check_length(tok, " ".join(source_prompt.split()), pipe.max_length)
-    if warn:
-        warnings.append(warn)
-    if not source_prompt:
-        raise PromptError("The source prompt is empty; describe the image, e.g. 'a photo of a cat'.")
-    if (task is None) == (target_prompt is None):
-        raise PromptError("Give exactly one of a task (e.g. 'cat2dog') or a target prompt.")
-    if task is not None:
-        word, target_words = P.parse_task(task)
-        similar = lambda candidates, w: P.most_similar_word(candidates, w, _word_states_fn(pipe))
-        target_prompt, replaced = P.build_target_prompt(source_prompt, task, similar_word_fn=similar)
-        if replaced.lower() != word.lower():
-            warnings.append(f"'{word}' is not in the source prompt; editing the most similar word '{replaced}' instead.")
-        source_word, target_text = replaced, " ".join(target_words)
-    else:
-        target_prompt, warn = P.check_length(tok, " ".join(target_prompt.split()), pipe.max_length)
-        if warn:
-            warnings.append(warn)
-        source_word, target_text = _diff_words(source_prompt, target_prompt, source_word)
-    match = re.search(rf"(?<![^\W\d_]){re.escape(source_word)}(?![^\W\d_])", source_prompt, re.IGNORECASE)
-    if match is None:
-        raise PromptError(f"The word {source_word!r} does not appear in the source prompt {source_prompt!r}.")
-    prefix = source_prompt[: match.start()]
-    start = 1 + _token_count(tok, prefix)
-    source_span = (start, start + _token_count(tok, match.group(0)))
-    target_span = (start, start + max(1, _token_count(tok, target_text)))
-    limit = pipe.max_length - 1
-    if source_span[1] > limit or target_span[1] > limit:
-        raise PromptError(f"The edited word lies beyond the {limit - 1} tokens the text encoder sees; shorten the prompt.")
-
-    states = np.asarray(pipe.embed([source_prompt, target_prompt]))
-    n_src = _token_count(tok, source_prompt)
-    n_tgt = _token_count(tok, target_prompt)
-    ref = P.match_tokens(states[0], states[1], n_src, n_tgt, forced=(target_span, source_span[0]))
-    neg = source_prompt if negative == "source" else ""
-    return PromptPlan(source_prompt, target_prompt, neg, source_word, target_text, source_span, target_span,
-                      tuple(int(c) for c in ref), tuple(warnings))
-
-
-def _diff_words(source_prompt: str, target_prompt: str, source_word: Optional[str]) -> tuple[str, str]:
-    """(source word, target text) for a directly given target prompt: the first differing word."""
-    s, t = source_prompt.split(), target_prompt.split()
-    if source_word is not None:
-        return source_word, source_word
-    for i, (a, b) in enumerate(zip(s, t)):
-        if a.lower() != b.lower():
-            j = len(t) - (len(s) - i) if len(t) >= len(s) else i
-            return re.sub(r"[^\w]", "", a) or a, " ".join(t[i : max(i + 1, j + 1)])
-    if len(t) > len(s):
-        return s[-1], " ".join(t[len(s) - 1 :])
-    raise PromptError(
-        "The target prompt is the source prompt: nothing marks the word to edit. Give a different target "
-        "prompt, a task such as 'cat2dog', or name the word with source_word / --source-word."
-    )
-
-
-def _span_arrays(spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token spans -> (B, K) int32 positions (padded with the first) and (B, K) weights 1/len (0 on padding)."""
-    k = max(end - start for start, end in spans)
-    cols = np.zeros((len(spans), k), np.int32)
-    wts = np.zeros((len(spans), k), np.float32)
-    for i, (start, end) in enumerate(spans):
-        span = list(range(start, end))
-        cols[i, : len(span)] = span
-        cols[i, len(span):] = span[0]
-        wts[i, : len(span)] = 1.0 / len(span)
-    return cols, wts
-
-
-def word_spans(tokenizer, prompt: str, words: str) -> list[tuple[int, int]]:
-    """Token spans [start, end) (BOS = 0) of each occurrence of each whitespace-separated word of
-    ``words`` in ``prompt``; PromptError if a word does not occur."""
-    spans = []
-    for word in words.split():
-        found = False
-        for match in re.finditer(rf"(?<![^\W\d_]){re.escape(word)}(?![^\W\d_])", prompt, re.IGNORECASE):
-            start = 1 + _token_count(tokenizer, prompt[: match.start()])
-            spans.append((start, start + _token_count(tokenizer, match.group(0))))
-            found = True
-        if not found:
-            raise PromptError(f"The equalizer word {word!r} does not appear in the target prompt {prompt!r}.")
-    return spans
-
-
-def _blend_columns(tokenizer, plan: PromptPlan, width: int) -> np.ndarray:
-    """(2, width) LocalBlend word columns as the released ``LocalBlend`` builds them (every token of
-    every occurrence, ``get_word_inds``); a word it cannot find (punctuation attached, say) falls back
-    to its span, where the released code would divide by a zero map."""
-    out = np.zeros((2, width), np.float32)
-    for row, (prompt, words, span) in enumerate(((plan.source_prompt, plan.source_word, plan.source_span),
-                                                  (plan.target_prompt, plan.target_words, plan.target_span))):
-        idx = [i for word in words.split() for i in p2p_align.word_token_indices(tokenizer, prompt, word)]
-        idx = [i for i in idx if i < width] or list(range(span[0], min(span[1], width)))
-        out[row, idx] = 1.0
-    return out
-
-
-def batch_prompts(pipe, plans: Sequence[PromptPlan], equalizer_words: Optional[str] = None,
-                  token_alignment: str = "released") -> csg.Prompts:
-    """Stack per-image prompt plans into one :class:`csg.Prompts` batch.
-
-    ``equalizer_words``: words of the target prompts whose cross-attention columns Prompt-to-Prompt's
-    equalizer re-weights (default: the target words). ``token_alignment``: Prompt-to-Prompt's
-    column mapping, "released" (:func:`p2p_align.align`) or "similarity" (``ref_columns``).
-    """
-    texts = [p.source_prompt for p in plans] + [p.negative_prompt for p in plans] + [p.target_prompt for p in plans]
-    states = pipe.embed(texts)
-    b = len(plans)
-    cols, wts = _span_arrays([p.source_span for p in plans])
-    target = np.zeros((b, pipe.max_length), np.float32)
-    reweight = np.zeros((b, pipe.max_length), np.float32)
-    for i, p in enumerate(plans):
-        start, end = p.target_span
-        target[i, start:end] = 1.0 / (end - start)
-        spans = [p.target_span] if equalizer_words is None else word_spans(pipe.tokenizer, p.target_prompt, equalizer_words)
-        for start, end in spans:
-            reweight[i, start : min(end, pipe.max_length)] = 1.0
-    ref = np.asarray([p.ref_columns for p in plans], np.int32)
-    n = pipe.max_length
-    if token_alignment == "released":
-        aligned = [p2p_align.align(pipe.tokenizer, p.source_prompt, p.target_prompt, n) for p in plans]
-    else:
-        aligned = [p2p_align.similarity_alignment(p.ref_columns, n) for p in plans]
-    blend = np.stack([_blend_columns(pipe.tokenizer, p, n) for p in plans])
-    return csg.Prompts(states[:b], states[b : 2 * b], states[2 * b :], jnp.asarray(cols), jnp.asarray(wts), jnp.asarray(ref),
-                       jnp.asarray(target), jnp.asarray(reweight), jnp.asarray(np.stack([a.matrix for a in aligned])),
-                       jnp.asarray(np.stack([a.keep for a in aligned])), jnp.asarray(blend))
-
-
 def static_config(config: EditConfig) -> EditConfig:
-    """The part of a config that shapes the compiled program (floats and seeds travel as arrays)."""
-    return config.replace(guidance_scale=0.0, posterior_guidance=0.0, delta=1.0, seed=0, negative_prompt="source",
-                          encode="mean", cross_replace_steps=0.0, self_replace_steps=0.0, blend_threshold=0.0,
-                          blend_start=0.0, equalizer_words=None, equalizer_scale=1.0, xa_guidance=0.0,
-                          source_sentences=None, target_sentences=None)
+    """The part of a config that shapes the compiled program (:meth:`EditConfig.static`)."""
+    return config.static()
 
 
 def method_knobs(config: EditConfig):
-    """The method's own array-valued settings (None for CSG and DDIM)."""
-    if config.method == "p2p":
-        return p2p.Knobs.from_config(config)
-    if config.method == "pix2pix-zero":
-        return pix2pix_zero.Knobs.from_config(config)
-    return None
+    """The method's own ``batch`` settings as arrays (None where it has none)."""
+    return registry.module(config.method).knobs(config)
 
 
-class EditOutputs(dict):
-    """dict of arrays: x0, inverted, reconstruction, edited (latents), mask_raw, mask."""
+def prepare_prompts(pipe, plans, config: EditConfig) -> Prompts:
+    """Batched prompts of ``plans`` for ``config``'s method (its host-side ``prepare``)."""
+    prompts = batch_prompts(pipe, plans, config.p2p.equalizer_words, config.p2p.token_alignment)
+    return registry.module(config.method).prepare(pipe, prompts, config)
 
 
 class Editor:
-    """Compiled invert / edit functions for one pipeline, latent size and static config.
+    """The compiled program for one pipeline, latent size and static config.
 
-    ``trace_counts`` counts how often each function was traced (= compiled), so callers and
-    tests can check that repeated calls with equal shapes reuse the compiled program.
+    ``trace_counts`` counts how often each stage was traced (= compiled), so callers and tests
+    can check that repeated calls with equal shapes reuse the compiled program.
     """
+
+    STAGES = ("encode", "invert", "null_text", "edit", "decode", "program")
 
     def __init__(self, pipe, config: EditConfig, latent_hw: tuple[int, int]):
         self.pipe = pipe
-        self.config = static_config(config)
+        self.config = config.static()
         self.latent_hw = tuple(latent_hw)
+        self.method = registry.module(config.method)
         self.schedule = make_schedule(pipe.scheduler_config, config.num_steps)
         mask_res = config.mask_res or pipe.defaults.get("mask_res") or config.mask_resolution(self.latent_hw)
-        self.layers = csg.plan_layers(pipe.unet.config, self.latent_hw, int(mask_res))
-        self.p2p_layers = p2p.plan_layers(pipe.unet.config, self.latent_hw, self.layers, self.config)
+        self.layers = plan_layers(pipe.unet.config, self.latent_hw, int(mask_res))
+        self.plan = self.method.plan(pipe, self.latent_hw, self.layers, self.config)
         self.trace_counts = {"encode": 0, "invert": 0, "edit": 0, "decode": 0, "null_text": 0}
-        self._encode = jax.jit(self._encode_impl)
-        self._invert = jax.jit(self._invert_impl)
-        self._null_text = jax.jit(self._null_text_impl)
-        self._edit = jax.jit(self._edit_impl)
-        self._decode = jax.jit(self._decode_impl)
+        self._jitted = {"encode": jax.jit(self._encode_impl), "invert": jax.jit(self._invert_impl),
+                        "null_text": jax.jit(self._null_text_impl), "edit": jax.jit(self._edit_impl),
+                        "decode": jax.jit(self._decode_impl), "program": jax.jit(self.program)}
+        self._sharded: dict = {}  # (mesh devices, sample) -> jit(shard_map(program)), see csg_jax.dataset
 
-    # -- traced bodies ------------------------------------------------------------------------
-    def _encode_impl(self, params, images, rng):
+    # -- traced stages ------------------------------------------------------------------------------
+    def _encode_impl(self, params, images, keys=None):
+        """(B, H, W, 3) -> latents; keys None (posterior mean), one (2,) key for the batch, or (B, 2):
+        image i then gets exactly the noise ``keys[i]`` draws for it alone, whatever the batch."""
         self.trace_counts["encode"] += 1
-        return self.pipe.encode(params, images, rng)
+        if keys is not None and keys.ndim == 2:
+            return encode_items(self.pipe.encode, params, images, keys)
+        return self.pipe.encode(params, images, keys)
 
     def _noise_fn(self, rng):
         if not self.config.noise_regularization:
@@ -253,99 +86,166 @@ class Editor:
     def _invert_impl(self, params, x0, source_ctx, rng=None):
         self.trace_counts["invert"] += 1
         variant = "official" if self.config.inversion == "official" else "standard"
-        if self.config.noise_regularization:
-            return null_text.ddim_inversion(self.pipe, params, x0, source_ctx, self.schedule, variant, self._noise_fn(rng))[0]
-        return csg.invert(self.pipe, params, x0, source_ctx, self.schedule, variant)
+        return ddim_inversion(self.pipe, params, x0, source_ctx, self.schedule, variant, self._noise_fn(rng))
 
-    def _null_text_impl(self, params, x0, prompts: csg.Prompts, knobs: csg.Knobs, rng=None):
+    def _null_text_impl(self, params, x0, prompts: Prompts, knobs: Knobs, rng=None):
         self.trace_counts["null_text"] += 1
         return null_text.null_text_inversion(self.pipe, params, x0, prompts.source, prompts.negative, self.schedule,
                                              knobs.guidance_scale, int(self.config.null_text_steps), self._noise_fn(rng))
 
-    def _edit_impl(self, params, x_T, prompts: csg.Prompts, knobs: csg.Knobs, extra_knobs=None, uncond=None):
+    def _edit_impl(self, params, x_T, prompts: Prompts, knobs: Knobs, extra_knobs=None, uncond=None) -> EditOutputs:
         """``extra_knobs``: :func:`method_knobs`; ``uncond``: (N, B, 77, D) null-text embeddings or None."""
         self.trace_counts["edit"] += 1
-        method = self.config.method
-        if method in ("p2p", "pix2pix-zero") and extra_knobs is None:
-            raise ValueError(f"method {method!r} needs its knobs: pass editor.method_knobs(config) as extra_knobs")
-        if method == "p2p":
-            return p2p.edit(self.pipe, params, x_T, prompts, self.schedule, self.p2p_layers, self.config, knobs,
-                            extra_knobs, uncond)
-        keep = method == "csg" and self.stores_source_maps(x_T.shape[0])
-        source = csg.source_pass(self.pipe, params, x_T, prompts, self.schedule, self.layers, uncond, knobs.guidance_scale,
-                                 keep_maps=keep)
-        if method == "pix2pix-zero":
-            edited = pix2pix_zero.target_pass(self.pipe, params, x_T, prompts, source, self.schedule, self.layers, knobs,
-                                              extra_knobs, uncond)
-        else:
-            edited = csg.target_pass(self.pipe, params, x_T, prompts, source, self.schedule, self.layers, self.config,
-                                     knobs, uncond)
-        return {"reconstruction": source.reconstruction, "edited": edited, "mask_raw": source.mask_raw, "mask": source.mask}
+        if extra_knobs is None and self.method.knobs(self.config) is not None:
+            raise ValueError(f"method {self.config.method!r} needs its knobs: pass editor.method_knobs(config)")
+        run = EditRun(self.pipe, params, self.schedule, self.layers, self.plan, self.config)
+        return self.method.edit(run, x_T, prompts, knobs, extra_knobs, uncond)
 
     def _decode_impl(self, params, latents):
         self.trace_counts["decode"] += 1
         return self.pipe.decode(params, latents)
 
-    # -- public -----------------------------------------------------------------------------------
+    def _stages(self, stage: Callable, params, images, keys, prompts: Prompts, knobs: Knobs, extra_knobs=None,
+                rng=None, x_T=None, uncond=None) -> dict:
+        """The program's order, written once: encode -> invert (or null-text) -> edit -> decode.
+        ``stage(name, *args)`` runs one stage (inline when traced, or jitted and timed); with
+        ``x_T`` given the first two are skipped (``uncond``: its null embeddings, if any)."""
+        extra = {}
+        if x_T is None:
+            x0 = stage("encode", params, images, keys)
+            if self.config.inversion == "null-text":
+                nt = stage("null_text", params, x0, prompts, knobs, rng)
+                x_T, uncond = nt.x_T, nt.uncond
+                extra = {"null_embeddings": jnp.moveaxis(nt.uncond, 1, 0), "null_text_iterations": nt.iterations.T}
+            else:
+                x_T = stage("invert", params, x0, prompts.source, rng)
+        out = stage("edit", params, x_T, prompts, knobs, extra_knobs, uncond)
+        b = x_T.shape[0]
+        decoded = stage("decode", params, jnp.concatenate([out["reconstruction"], out["edited"]]))
+        return {"inverted": x_T, **out, **extra, "reconstruction_image": decoded[:b], "edit_image": decoded[b:]}
+
+    # -- public -------------------------------------------------------------------------------------
+    def program(self, params, images, keys, prompts: Prompts, knobs: Knobs, extra_knobs=None, rng=None) -> dict:
+        """The whole edit of a batch, pure and jit-able.
+
+        ``images`` (B, H, W, 3) in [-1, 1]; ``keys`` None (VAE posterior mean) or (B, 2) uint32 (a
+        sample per image); ``knobs`` :class:`Knobs` of () or (B,) arrays; ``extra_knobs``
+        :func:`method_knobs`; ``rng`` (2,) the noise regularisation's key or None. Returns a dict of
+        (B, ...) arrays: inverted, reconstruction, edited, mask_raw, mask (+ the method's own),
+        reconstruction_image, edit_image ([-1, 1]); with null-text inversion null_embeddings
+        (B, N, 77, D) and null_text_iterations (B, N).
+        """
+        impls = {"encode": self._encode_impl, "invert": self._invert_impl, "null_text": self._null_text_impl,
+                 "edit": self._edit_impl, "decode": self._decode_impl}
+        return self._stages(lambda name, *args: impls[name](*_trim(*args)), params, images, keys, prompts, knobs,
+                            extra_knobs, rng)
+
+    def jitted(self, stage: str):
+        """The jit-compiled ``stage`` (one of :data:`STAGES`; "program" is :meth:`program`)."""
+        return self._jitted[stage]
+
+    def lower(self, stage: str, *args):
+        """``jitted(stage).lower(*args)`` (AOT compilation, memory analysis)."""
+        return self._jitted[stage].lower(*_trim(*args))
+
+    def sharded(self, key, make: Callable):
+        """The owner-held cache of sharded programs (``make()`` on a miss): see csg_jax.dataset."""
+        if key not in self._sharded:
+            self._sharded[key] = make()
+        return self._sharded[key]
+
+    def method_knobs(self, config: EditConfig):
+        return method_knobs(config)
+
     def stores_source_maps(self, batch: int) -> bool:
         """Whether an edit of ``batch`` images keeps the source pass's cross-attention maps (one UNet
-        evaluation per step fewer) instead of recomputing them: :func:`csg.store_source_maps`."""
-        return csg.store_source_maps(self.config, self.layers, batch, self.pipe.unet.dtype)
+        evaluation per step fewer) instead of recomputing them (CSG's :func:`csg.store_source_maps`)."""
+        hook = getattr(self.method, "store_source_maps", None)
+        return bool(hook and hook(self.config, self.layers, batch, self.pipe.unet.dtype))
 
     def unet_evaluations(self, batch: int = 1) -> dict:
         """{"per_step": {phase: evaluations per image}, "total": per image} of this editor's edits."""
         stored = self.stores_source_maps(batch)
-        return {"per_step": csg.unet_evaluations_per_step(self.config, stored),
-                "total": csg.unet_evaluations(self.config, stored)}
+        return {"per_step": costs.unet_evaluations_per_step(self.config, stored),
+                "total": costs.unet_evaluations(self.config, stored)}
+
+    def _check(self, config: EditConfig):
+        if config.static() != self.config:
+            raise ValueError("this Editor was compiled for another static config; make a new Editor")
 
     def encode(self, images, sample_seed: Optional[int] = None):
         """(B, H, W, 3) in [-1, 1] -> scaled latents; posterior mean unless ``sample_seed`` is given."""
         rng = None if sample_seed is None else jax.random.PRNGKey(sample_seed)
-        return self._encode(self.pipe.params, images, rng)  # None is an empty pytree: its own compilation
+        return self._jitted["encode"](*_trim(self.pipe.params, images, rng))
 
     def _rng(self, seed):
         return jax.random.PRNGKey(seed) if self.config.noise_regularization else None
 
     def invert(self, x0, source_ctx, seed: int = 0):
         """x_T (B, h, w, C); ``seed`` draws the rolls of the optional noise regularisation."""
-        return self._invert(*_trim(self.pipe.params, x0, source_ctx, self._rng(seed)))
+        return self._jitted["invert"](*_trim(self.pipe.params, x0, source_ctx, self._rng(seed)))
 
-    def invert_null_text(self, x0, prompts: csg.Prompts, config: EditConfig) -> null_text.NullTextResult:
+    def invert_null_text(self, x0, prompts: Prompts, config: EditConfig) -> null_text.NullTextResult:
         """Standard DDIM inversion + null-text optimisation at ``config``'s guidance scale, starting
         from ``prompts.negative``: x_T, the per-step embeddings (N, B, 77, D) for :meth:`edit`, ..."""
-        if static_config(config) != self.config:
-            raise ValueError("this Editor was compiled for another static config; make a new Editor")
-        return self._null_text(self.pipe.params, x0, prompts, csg.Knobs.from_config(config), self._rng(config.seed))
+        self._check(config)
+        return self._jitted["null_text"](self.pipe.params, x0, prompts, Knobs.from_config(config),
+                                         *_trim(self._rng(config.seed)))
 
-    def edit(self, x_T, prompts: csg.Prompts, config: EditConfig, uncond=None) -> dict:
+    def edit(self, x_T, prompts: Prompts, config: EditConfig, uncond=None) -> EditOutputs:
         """``uncond``: (N, B, 77, D) per-step negative embeddings from :meth:`invert_null_text`."""
-        if static_config(config) != self.config:
-            raise ValueError("this Editor was compiled for another static config; make a new Editor")
-        return self._edit(*_trim(self.pipe.params, x_T, prompts, csg.Knobs.from_config(config), method_knobs(config),
-                                 uncond))
+        self._check(config)
+        return self._jitted["edit"](*_trim(self.pipe.params, x_T, prompts, Knobs.from_config(config),
+                                           method_knobs(config), uncond))
 
     def decode(self, latents):
-        return self._decode(self.pipe.params, latents)
+        return self._jitted["decode"](self.pipe.params, latents)
+
+    def run(self, images, prompts: Prompts, config: EditConfig, x_T=None, uncond=None,
+            timings: Optional[dict] = None) -> dict:
+        """:meth:`program`'s stages, each jitted (shared with :meth:`encode`, :meth:`edit`, ...)
+        and timed into ``timings`` ({stage}_s): an image is encoded and inverted once, then edited."""
+        self._check(config)
+        keys = jax.random.PRNGKey(config.seed) if config.encode == "sample" and x_T is None else None
+        timings = {} if timings is None else timings
+
+        def stage(name, *args):
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(self._jitted[name](*_trim(*args)))
+            timings[f"{name}_s"] = timings.get(f"{name}_s", 0.0) + time.perf_counter() - t0
+            return out
+
+        return self._stages(stage, self.pipe.params, images, keys, prompts, Knobs.from_config(config),
+                            method_knobs(config), self._rng(config.seed), x_T, uncond)
+
+
+def encode_items(encode, params, images, keys):
+    """VAE posterior samples with one PRNG key per image: (B, H, W, 3), (B, 2) -> (B, h, w, C).
+
+    Image i gets exactly the noise ``encode(params, images[i:i+1], keys[i])`` draws for it alone
+    (the single-image CLI with that item's seed), whatever the batch around it."""
+    return jax.vmap(lambda im, k: encode(params, im[None], k)[0])(images, keys)
 
 
 def _trim(*args):
     """Arguments without trailing Nones: a call then hits the same jit cache entry as one that
-    leaves those optional arguments out (e.g. ``editor._edit.lower(params, x_T, prompts, knobs)``)."""
+    leaves those optional arguments out (e.g. ``editor.lower("edit", params, x_T, prompts, knobs)``)."""
     args = list(args)
     while args and args[-1] is None:
         args.pop()
     return args
 
 
-_EDITORS: dict = {}
+_EDITORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipeline -> {(static config, hw): Editor}
 
 
 def get_editor(pipe, config: EditConfig, latent_hw) -> Editor:
-    """A cached :class:`Editor` per (pipeline, static config, latent size)."""
-    key = (id(pipe), static_config(config), tuple(latent_hw))
-    if key not in _EDITORS:
-        _EDITORS[key] = Editor(pipe, config, latent_hw)
-    return _EDITORS[key]
+    """The :class:`Editor` per (pipeline, static config, latent size), held as long as the pipeline."""
+    editors = _EDITORS.setdefault(pipe, {})
+    key = (config.static(), tuple(latent_hw))
+    if key not in editors:
+        editors[key] = Editor(pipe, config, latent_hw)
+    return editors[key]
 
 
 @dataclasses.dataclass
@@ -394,8 +294,8 @@ def translate_image(pipe, image=None, prompt: str = "", task: Optional[str] = No
     With ``config.inversion == "null-text"``, an already inverted latent needs the
     ``null_embeddings`` (N, 77, D) saved with it.
     """
-    timings = {}
     plan = plan_prompts(pipe, prompt, task, target_prompt, source_word, config.negative_prompt)
+    x, x_T, uncond = None, None, None
     if inverted is None:
         if image is None:
             raise ImageError("give an image or an inverted latent")
@@ -407,48 +307,34 @@ def translate_image(pipe, image=None, prompt: str = "", task: Optional[str] = No
     else:
         inverted = np.asarray(inverted, np.float32)
         latent_hw = inverted.shape[-3:-1]
-    editor = get_editor(pipe, config, latent_hw)
-    prompts = batch_prompts(pipe, [plan], config.equalizer_words, config.token_alignment)
-    if config.method == "pix2pix-zero":
-        prompts = pix2pix_zero.edit_context(pipe, prompts, config)
-    uncond, iterations = None, None
-    t0 = time.perf_counter()
-    if inverted is None:
-        x0 = editor.encode(jnp.asarray(x), config.seed if config.encode == "sample" else None)
-        if config.inversion == "null-text":
-            nt = jax.block_until_ready(editor.invert_null_text(x0, prompts, config))
-            x_T, uncond, iterations = nt.x_T, nt.uncond, np.asarray(nt.iterations[:, 0])
-        else:
-            x_T = jax.block_until_ready(editor.invert(x0, prompts.source, config.seed))
-    else:
         x_T = jnp.asarray(inverted.reshape(1, *inverted.shape[-3:]))
-        if config.inversion == "null-text":
-            if null_embeddings is None:
-                raise ImageError("null-text inversion: an inverted latent needs its null embeddings "
-                                 "(null_embeddings.npy, written next to inversion.npy)")
-            uncond = jnp.asarray(np.asarray(null_embeddings, np.float32).reshape(-1, 1, *prompts.source.shape[1:]))
-            if uncond.shape[0] != config.num_steps:
-                raise ImageError(f"the null embeddings hold {uncond.shape[0]} steps, the edit has {config.num_steps}")
-    timings["invert_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(editor.edit(x_T, prompts, config, uncond))
-    timings["edit_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    decoded = editor.decode(jnp.concatenate([out["reconstruction"], out["edited"]]))
-    decoded = to_unit_range(decoded)
-    timings["decode_s"] = time.perf_counter() - t0
+    editor = get_editor(pipe, config, latent_hw)
+    prompts = prepare_prompts(pipe, [plan], config)
+    if inverted is not None and config.inversion == "null-text":
+        if null_embeddings is None:
+            raise ImageError("null-text inversion: an inverted latent needs its null embeddings "
+                             "(null_embeddings.npy, written next to inversion.npy)")
+        uncond = jnp.asarray(np.asarray(null_embeddings, np.float32).reshape(-1, 1, *prompts.source.shape[1:]))
+        if uncond.shape[0] != config.num_steps:
+            raise ImageError(f"the null embeddings hold {uncond.shape[0]} steps, the edit has {config.num_steps}")
+    stage_s: dict = {}
+    out = editor.run(None if x is None else jnp.asarray(x), prompts, config, x_T, uncond, stage_s)
+    timings = {"invert_s": sum(stage_s.get(k, 0.0) for k in ("encode_s", "invert_s", "null_text_s")),
+               "edit_s": stage_s["edit_s"], "decode_s": stage_s["decode_s"]}
+    one = lambda k: np.asarray(out[k][0])
     return EditResult(
         plan=plan,
-        inverted=np.asarray(x_T[0]),
-        reconstruction_latent=np.asarray(out["reconstruction"][0]),
-        edited_latent=np.asarray(out["edited"][0]),
-        mask_raw=np.asarray(out["mask_raw"][0]),
-        mask=np.asarray(out["mask"][0]),
+        inverted=one("inverted"),
+        reconstruction_latent=one("reconstruction"),
+        edited_latent=one("edited"),
+        mask_raw=one("mask_raw"),
+        mask=one("mask"),
         source_image=None if image is None else to_unit_range(to_model_range(image)),
-        reconstruction=decoded[0],
-        edit=decoded[1],
+        reconstruction=to_unit_range(out["reconstruction_image"])[0],
+        edit=to_unit_range(out["edit_image"])[0],
         timings=timings,
-        null_embeddings=None if uncond is None else np.asarray(uncond[:, 0]),
-        null_text_iterations=iterations,
+        null_embeddings=one("null_embeddings") if "null_embeddings" in out else (
+            None if uncond is None else np.asarray(uncond[:, 0])),
+        null_text_iterations=one("null_text_iterations") if "null_text_iterations" in out else None,
         unet_evaluations=editor.unet_evaluations(1),
     )

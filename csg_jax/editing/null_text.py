@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from csg_jax.schedule import DDIMSchedule, ddim_transfer, inversion_plan, sampling_plan
+from csg_jax.editing.core import cfg, ddim_inversion, per_image, unet
+from csg_jax.schedule import DDIMSchedule, ddim_transfer, sampling_plan
 
 BASE_LR = 1e-2  # learning rate at the first step; lr_i = BASE_LR (1 - i / 100)
 EARLY_STOP = 1e-5  # loss threshold at the first step; grows by 2e-5 per step (reference code)
@@ -47,37 +48,6 @@ class NullTextResult(NamedTuple):
     loss: jax.Array  # (N, B) float32 the last loss evaluated per timestep and image
 
 
-def _unet(pipe, params, x, t, ctx):
-    out, _ = pipe.unet.apply({"params": params["unet"]}, x, t, ctx)
-    return out.astype(jnp.float32)
-
-
-def ddim_inversion(pipe, params, x0, ctx, schedule: DDIMSchedule, variant: str = "standard",
-                   noise_fn: Optional[Callable] = None) -> tuple[jax.Array, jax.Array]:
-    """DDIM inversion (CSG Eq. 1) that also returns its trajectory.
-
-    x0 (B, h, w, C) scaled latents, ctx (B, 77, D) the source prompt (no guidance).
-    ``noise_fn(eps, step_index) -> eps`` may adjust each noise prediction (Pix2Pix-Zero's
-    regularisation). Returns ``(x_T, trajectory)`` with trajectory (K, B, h, w, C) the latent
-    *before* each of the K inversion steps (trajectory[0] = x0).
-    """
-    ts, a_from, a_to = inversion_plan(schedule, variant)
-
-    def step(x, xs):
-        i, t, a0, a1 = xs
-        eps = _unet(pipe, params, x, t, ctx)
-        if noise_fn is not None:
-            eps = noise_fn(eps, i)
-        return ddim_transfer(eps, x, a0, a1, schedule.prediction_type), x
-
-    return jax.lax.scan(step, x0.astype(jnp.float32), (jnp.arange(ts.shape[0]), ts, a_from, a_to))
-
-
-def _per_image(v, b):
-    v = jnp.asarray(v, jnp.float32)
-    return jnp.broadcast_to(v.reshape(-1, 1, 1, 1) if v.ndim == 1 else v, (b, 1, 1, 1))
-
-
 def optimize_null_text(pipe, params, trajectory, x_T, source_ctx, negative_ctx, schedule: DDIMSchedule,
                        guidance_scale, inner_steps: int = 10) -> NullTextResult:
     """The null-text optimisation over a standard DDIM inversion ``trajectory`` (N, B, h, w, C)
@@ -86,19 +56,19 @@ def optimize_null_text(pipe, params, trajectory, x_T, source_ctx, negative_ctx, 
     b = x_T.shape[0]
     timesteps, alpha_t, alpha_prev = sampling_plan(schedule)
     n = timesteps.shape[0]
-    g = _per_image(guidance_scale, b)
+    g = per_image(guidance_scale)
     targets = trajectory[::-1]  # sampling step i must land on the inversion latent z*_{N-1-i}
     adam = optax.scale_by_adam()
     pred = schedule.prediction_type
 
     def guided_step(x, t, a_t, a_prev, eps_cond, null):
-        eps_null = _unet(pipe, params, x, t, null)
-        return ddim_transfer(eps_null + g * (eps_cond - eps_null), x, a_t, a_prev, pred)
+        eps_null, _ = unet(pipe, params, x, t, null)
+        return ddim_transfer(cfg(eps_null, eps_cond, g), x, a_t, a_prev, pred)
 
     def outer(carry, xs):
         x, null = carry
         i, t, a_t, a_prev, target = xs
-        eps_cond = _unet(pipe, params, x, t, source_ctx)
+        eps_cond, _ = unet(pipe, params, x, t, source_ctx)
         lr = BASE_LR * (1.0 - i / 100.0)
         threshold = EARLY_STOP + EARLY_STOP_SLOPE * i
 
@@ -140,26 +110,6 @@ def optimize_null_text(pipe, params, trajectory, x_T, source_ctx, negative_ctx, 
 def null_text_inversion(pipe, params, x0, source_ctx, negative_ctx, schedule: DDIMSchedule, guidance_scale,
                         inner_steps: int = 10, noise_fn: Optional[Callable] = None) -> NullTextResult:
     """Standard DDIM inversion of ``x0`` on the source prompt, then :func:`optimize_null_text`."""
-    x_T, trajectory = ddim_inversion(pipe, params, x0, source_ctx, schedule, "standard", noise_fn)
+    x_T, trajectory = ddim_inversion(pipe, params, x0, source_ctx, schedule, "standard", noise_fn, trajectory=True)
     return optimize_null_text(pipe, params, trajectory, x_T, source_ctx, negative_ctx, schedule, guidance_scale,
                               inner_steps)
-
-
-def guided_reconstruction(pipe, params, x_T, source_ctx, uncond, schedule: DDIMSchedule, guidance_scale) -> jax.Array:
-    """Classifier-free guided DDIM sampling on the source prompt from ``x_T``; ``uncond`` is a
-    (B, 77, D) negative context for every step or (N, B, 77, D) per step (null-text)."""
-    b = x_T.shape[0]
-    timesteps, alpha_t, alpha_prev = sampling_plan(schedule)
-    n = timesteps.shape[0]
-    if uncond.ndim == 3:
-        uncond = jnp.broadcast_to(uncond, (n, *uncond.shape))
-    g = _per_image(guidance_scale, b)
-
-    def step(x, xs):
-        t, a_t, a_prev, null = xs
-        out = _unet(pipe, params, jnp.concatenate([x, x]), t, jnp.concatenate([null, source_ctx]))
-        eps = out[:b] + g * (out[b:] - out[:b])
-        return ddim_transfer(eps, x, a_t, a_prev, schedule.prediction_type), None
-
-    x, _ = jax.lax.scan(step, x_T.astype(jnp.float32), (timesteps, alpha_t, alpha_prev, uncond))
-    return x

@@ -65,18 +65,50 @@ inversion). UNet cost: 4 image-evaluations per step.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from csg_jax.editing import csg
-from csg_jax.editing.config import EditConfig
+from csg_jax.editing.core import EditOutputs, EditRun, LayerPlan, Prompts, cfg, per_image, step_mask, unet
+from csg_jax.editing.schema import fraction, knob, non_negative
 from csg_jax.errors import ConfigError
 from csg_jax.models.attention import AttentionControl
 from csg_jax.models.unet import LayerInfo, attention_layers
 from csg_jax.resize import resize_2d
-from csg_jax.schedule import DDIMSchedule, ddim_transfer, sampling_plan
+from csg_jax.schedule import ddim_transfer, sampling_plan
+
+OPTIONS_KEY = "p2p"
+DEFAULTS = {"guidance_scale": 7.5, "negative_prompt": "empty"}  # the notebooks' GUIDANCE_SCALE, "" negative
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Prompt-to-Prompt (--method p2p)"""
+
+    cross_replace_steps: float = knob(0.8, "batch", "fraction of steps whose target cross-attention is the source's",
+                                      check=fraction)
+    self_replace_steps: float = knob(0.4, "batch", "fraction of steps whose coarse self-attention is the source's",
+                                     check=fraction)
+    local_blend: bool = knob(False, "static", "LocalBlend: keep the latent outside the source / target word maps")
+    blend_threshold: float = knob(0.3, "batch", "LocalBlend threshold on the max-normalised word maps", check=fraction)
+    blend_start: float = knob(0.2, "batch", "LocalBlend acts from this fraction of the steps on (the null-text "
+                              "notebook; the stable notebook: 0)", check=fraction)
+    equalizer_words: Optional[str] = knob(None, "host", "target-prompt words to re-weight (default: the target words)",
+                                          type=str)
+    equalizer_scale: float = knob(1.0, "batch", "factor on their cross-attention columns (1: no re-weighting)",
+                                  check=non_negative)
+    self_replace_layers: str = knob("null-text", "static", "self-attention layers replaced: <= 32x32 query pixels "
+                                    "(null-text notebook), <= 16x16 (stable notebook) or <= (latent/4)^2 (scaled)",
+                                    choices=("null-text", "stable", "scaled"))
+    blend_layers: str = knob("released", "static", "LocalBlend maps: the released layer set read as 16x16 maps, or "
+                             "the cross layers at latent/4 resolution", choices=("released", "resolution"))
+    blend_maps: str = knob("released", "static", "LocalBlend target-word map: after replacement, as released, or the "
+                           "target's own attention (the paper's description)", choices=("released", "own"))
+    token_alignment: str = knob("released", "static", "target columns read the source's by seq_aligner's word-swap / "
+                                "refinement mapper, or by CSG's embedding-similarity matching",
+                                choices=("released", "similarity"))
 
 
 class Knobs(NamedTuple):
@@ -90,12 +122,12 @@ class Knobs(NamedTuple):
     equalizer_scale: jax.Array  # () float32
 
     @classmethod
-    def from_config(cls, config: EditConfig) -> "Knobs":
-        n = config.num_steps
+    def from_config(cls, config) -> "Knobs":
+        n, o = config.num_steps, config.p2p
         i = lambda v: jnp.asarray(int(v), jnp.int32)
         f = lambda v: jnp.asarray(v, jnp.float32)
-        return cls(i(config.cross_replace_steps * (n + 1)), i(config.self_replace_steps * n), i(config.blend_start * n),
-                   f(config.blend_threshold), f(config.equalizer_scale))
+        return cls(i(o.cross_replace_steps * (n + 1)), i(o.self_replace_steps * n), i(o.blend_start * n),
+                   f(o.blend_threshold), f(o.equalizer_scale))
 
 
 # released replace_self_attention: layers with at most this many query pixels
@@ -110,14 +142,30 @@ class Layers(NamedTuple):
     blend: tuple[LayerInfo, ...]  # cross layers of the LocalBlend maps
     blend_hw: tuple[int, int]  # (r, r) of the LocalBlend word maps
     blend_released: bool  # maps read as the released code's 16x16 blocks (else at each layer's resolution)
-    mask: csg.LayerPlan  # layers of the source-word mask (mask_raw)
+    mask: LayerPlan  # layers of the source-word mask (mask_raw)
 
 
-def plan_layers(unet_config, latent_hw: tuple[int, int], mask_plan: csg.LayerPlan,
-                config: Optional[EditConfig] = None) -> Layers:
+def knobs(config) -> Knobs:
+    return Knobs.from_config(config)
+
+
+def prepare(pipe, prompts: Prompts, config) -> Prompts:
+    return prompts  # the alignment and word columns come with every batch (editing/plans.py)
+
+
+def plan(pipe, latent_hw, layers: LayerPlan, config) -> "Layers":
+    return plan_layers(pipe.unet.config, latent_hw, layers, config)
+
+
+def unet_evaluations(config, stored_maps: bool = False) -> dict:
+    """Per image and step: the source and the target branch, each with CFG (one batched call)."""
+    return {"source": 2, "target": 2}
+
+
+def plan_layers(unet_config, latent_hw: tuple[int, int], mask_plan: LayerPlan, config) -> Layers:
     """The layers each P2P rule touches (module docstring). ConfigError where ``config`` asks for
     LocalBlend with the released layer set and the released code could not read it here."""
-    config = config or EditConfig(method="p2p")
+    config = config.p2p
     layers = attention_layers(unet_config, latent_hw)
     area = lambda l: l.resolution[0] * l.resolution[1]
     cross = tuple(l for l in layers if l.kind == "cross")
@@ -177,18 +225,18 @@ def word_maps(records: dict, layers: Layers, weights: jax.Array) -> jax.Array:
     return sum(maps) / sum(counts)
 
 
-def edit(pipe, params, x_T, prompts: csg.Prompts, schedule: DDIMSchedule, layers: Layers, config: EditConfig,
-         knobs: csg.Knobs, p2p_knobs: Knobs, uncond: Optional[jax.Array] = None) -> dict:
+def edit(run: EditRun, x_T, prompts: Prompts, knobs, p2p_knobs: Knobs, uncond: Optional[jax.Array] = None) -> EditOutputs:
     """P2P edit from x_T (B, h, w, C). ``uncond`` (N, B, 77, D): per-step negative contexts
     (null-text inversion) for both branches instead of ``prompts.negative``.
 
     Returns {"reconstruction", "edited"} latents (B, h, w, C), {"mask_raw", "mask"} (B, h, w) and
     "word_maps" (B, 2, r, r): LocalBlend's source / target word maps summed over the steps.
     """
+    pipe, params, schedule, layers, config = run.pipe, run.params, run.schedule, run.plan, run.config.p2p
     b, h, w, _ = x_T.shape
     timesteps, alpha_t, alpha_prev = sampling_plan(schedule)
     n = timesteps.shape[0]
-    g = csg.per_image(knobs.guidance_scale)
+    g = per_image(knobs.guidance_scale)
     tokens = prompts.ref_columns.shape[1]
     rows = jnp.arange(b)
     eye = jnp.broadcast_to(jnp.eye(tokens, dtype=jnp.float32), (b, tokens, tokens))
@@ -232,12 +280,10 @@ def edit(pipe, params, x_T, prompts: csg.Prompts, schedule: DDIMSchedule, layers
                                    mix_ref_scale=ref_scale, mix_keep=ref_keep,
                                    record_live=config.blend_maps == "own")
         x4 = jnp.concatenate([x_src, x_tgt, x_src, x_tgt])
-        out, rec = pipe.unet.apply({"params": params["unet"]}, x4, t,
-                                   jnp.concatenate([negative, negative, ctx_cond]), control)
-        out = out.astype(jnp.float32)
+        out, rec = unet(pipe, params, x4, t, jnp.concatenate([negative, negative, ctx_cond]), control)
         u_src, u_tgt, c_src, c_tgt = jnp.split(out, 4)
-        x_src_next = ddim_transfer(u_src + g * (c_src - u_src), x_src, a_t, a_prev, schedule.prediction_type)
-        x_tgt_next = ddim_transfer(u_tgt + g * (c_tgt - u_tgt), x_tgt, a_t, a_prev, schedule.prediction_type)
+        x_src_next = ddim_transfer(cfg(u_src, c_src, g), x_src, a_t, a_prev, schedule.prediction_type)
+        x_tgt_next = ddim_transfer(cfg(u_tgt, c_tgt, g), x_tgt, a_t, a_prev, schedule.prediction_type)
 
         cond = {name: jnp.stack([rec[name][2 * b : 3 * b], rec[name][3 * b :]]) for name in blend_names}
         word_sum = word_sum + word_maps(cond, layers, blend_w)
@@ -250,7 +296,7 @@ def edit(pipe, params, x_T, prompts: csg.Prompts, schedule: DDIMSchedule, layers
         for l in layers.mask.mask_layers:
             r = rec[l.name][2 * b : 3 * b].astype(jnp.float32)
             src_rec[l.name] = r.mean(axis=1) if l.name in blend_names else r  # probs -> head mean
-        mask_sum = mask_sum + csg.step_mask(src_rec, mask_prompts, layers.mask, (h, w))
+        mask_sum = mask_sum + step_mask(src_rec, mask_prompts, layers.mask, (h, w))
         return (x_src_next, x_tgt_next, word_sum, mask_sum), None
 
     x = x_T.astype(jnp.float32)
@@ -259,4 +305,4 @@ def edit(pipe, params, x_T, prompts: csg.Prompts, schedule: DDIMSchedule, layers
     (x_src, x_tgt, word_sum, mask_sum), _ = jax.lax.scan(step, init, xs)
     mask_raw = jnp.clip(mask_sum / n, 0.0, 1.0)
     mask = blend_mask(word_sum, (h, w), p2p_knobs.blend_threshold) if config.local_blend else mask_raw
-    return {"reconstruction": x_src, "edited": x_tgt, "mask_raw": mask_raw, "mask": mask, "word_maps": word_sum}
+    return EditOutputs(x_src, x_tgt, mask_raw, mask, word_maps=word_sum)

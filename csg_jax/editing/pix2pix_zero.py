@@ -27,6 +27,7 @@ edited prediction 2: 9 image-evaluations, against CSG's 5 (+1 for the shared sou
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -34,7 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from csg_jax.editing.config import EditConfig
+from csg_jax.editing.costs import BACKWARD_COST
+from csg_jax.editing.core import EditOutputs, EditRun, LayerPlan, Prompts, cfg, per_image, source_pass, unet
+from csg_jax.editing.schema import knob, non_negative
 from csg_jax.errors import ConfigError
 from csg_jax.models.attention import AttentionControl
 from csg_jax.schedule import DDIMSchedule, ddim_transfer, sampling_plan
@@ -45,14 +48,63 @@ REG_STEPS = 5  # rounds of regularisation per noise prediction
 AC_ROLLS = 5  # random rolls per round
 
 
+OPTIONS_KEY = "pix2pix_zero"
+# released ddim_inv.py: timesteps[1:-1] of the flipped schedule (our "official" N-2 step variant)
+# with the regularised noise, always on in its edit_real.py
+DEFAULTS = {"inversion": "official", "noise_regularization": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Pix2Pix-Zero (--method pix2pix-zero)"""
+
+    xa_guidance: float = knob(0.1, "batch", "cross-attention guidance: SGD step on x_t", check=non_negative)
+    source_sentences: Optional[str] = knob(None, "host", "sentences about the source concept, one a line (or a "
+                                           ".pt / .npy mean embedding)", type=str, flag="--source-sentences")
+    target_sentences: Optional[str] = knob(None, "host", "sentences about the target concept: edit direction = "
+                                           "difference of the mean embeddings (default: target - source prompt)",
+                                           type=str)
+
+    def __post_init__(self):
+        if (self.source_sentences is None) != (self.target_sentences is None):
+            raise ConfigError("give both source_sentences and target_sentences (the edit direction), or neither")
+
+
 class Knobs(NamedTuple):
     """Pix2Pix-Zero's float settings, passed as arrays (no recompilation when swept)."""
 
     xa_guidance: jax.Array  # () learning rate of the SGD step on x_t
 
     @classmethod
-    def from_config(cls, config: EditConfig) -> "Knobs":
-        return cls(jnp.asarray(config.xa_guidance, jnp.float32))
+    def from_config(cls, config) -> "Knobs":
+        return cls(jnp.asarray(config.pix2pix_zero.xa_guidance, jnp.float32))
+
+
+def knobs(config) -> Knobs:
+    return Knobs.from_config(config)
+
+
+def prepare(pipe, prompts: Prompts, config) -> Prompts:
+    return edit_context(pipe, prompts, config)
+
+
+def plan(pipe, latent_hw, layers: LayerPlan, config):
+    return None
+
+
+def edit(run: EditRun, x_T, prompts: Prompts, knobs, p2pz_knobs: Knobs, uncond=None) -> EditOutputs:
+    """The source pass (its trajectory gives the reference maps), then the guided target pass."""
+    source = source_pass(run.pipe, run.params, x_T, prompts, run.schedule, run.layers, uncond, knobs.guidance_scale)
+    edited = target_pass(run.pipe, run.params, x_T, prompts, source, run.schedule, run.layers, knobs, p2pz_knobs,
+                         uncond)
+    return EditOutputs(source.reconstruction, edited, source.mask_raw, source.mask)
+
+
+def unet_evaluations(config, stored_maps: bool = False) -> dict:
+    """Per image and step: the source pass (2 with per-step null-text embeddings), then reference
+    maps, the gradient on both CFG halves (1 + BACKWARD_COST each) and the edited prediction (2)."""
+    source = 2 if config.inversion == "null-text" else 1
+    return {"source": source, "target": source + 2 * (1 + BACKWARD_COST) + 2}
 
 
 # -- edit direction -------------------------------------------------------------------------------
@@ -105,12 +157,13 @@ def mean_embedding(pipe, sentences: Sequence[str], batch: int = 64) -> np.ndarra
     return (total / len(sentences)).astype(np.float32)
 
 
-def edit_context(pipe, prompts, config: EditConfig):
+def edit_context(pipe, prompts, config):
     """``prompts`` with ``target`` = source + edit direction (from ``config``'s sentence files);
     unchanged (target = source + (target - source)) without files."""
-    if config.source_sentences is None:
+    o = config.pix2pix_zero
+    if o.source_sentences is None:
         return prompts
-    direction = load_mean_embedding(pipe, config.target_sentences) - load_mean_embedding(pipe, config.source_sentences)
+    direction = load_mean_embedding(pipe, o.target_sentences) - load_mean_embedding(pipe, o.source_sentences)
     return prompts._replace(target=prompts.source + jnp.asarray(direction, prompts.source.dtype)[None])
 
 
@@ -133,7 +186,7 @@ def attention_loss(records: dict, reference: dict, batch: int) -> tuple[jax.Arra
 def cross_attention_loss(pipe, params, x_pair, t, pair_ctx, reference: dict, names: Sequence[str]) -> jax.Array:
     """The scalar whose gradient with respect to ``x_pair`` (2B, h, w, C) guides the edit."""
     control = AttentionControl(record=tuple((name, "probs") for name in names))
-    _, records = pipe.unet.apply({"params": params["unet"]}, x_pair, t, pair_ctx, control)
+    _, records = unet(pipe, params, x_pair, t, pair_ctx, control)
     return attention_loss(records, reference, x_pair.shape[0] // 2)[0]
 
 
@@ -142,37 +195,34 @@ def target_pass(pipe, params, x_T, prompts, source, schedule: DDIMSchedule, laye
     """The Pix2Pix-Zero edit from x_T (B, h, w, C); returns the final latent.
 
     prompts.target must hold the edited context (source + direction, :func:`edit_context`);
-    ``source`` is :func:`csg.source_pass`'s result (its trajectory gives the reference maps);
+    ``source`` is :func:`core.source_pass`'s result (its trajectory gives the reference maps);
     ``layers.cross_layers`` are the guided layers (all cross-attention layers, official);
     ``uncond`` (N, B, 77, D): per-step negative contexts (null-text) instead of prompts.negative.
     """
-    from csg_jax.editing.csg import per_image
-
     b = x_T.shape[0]
     timesteps, alpha_t, alpha_prev = sampling_plan(schedule)
     names = tuple(l.name for l in layers.cross_layers)
     record_all = AttentionControl(record=tuple((name, "probs") for name in names))
     g = per_image(knobs.guidance_scale)
     sgd = optax.sgd(p2pz_knobs.xa_guidance)
-    unet = lambda x, t, ctx, control=None: pipe.unet.apply({"params": params["unet"]}, x, t, ctx, control)
+    call = lambda x, t, ctx, control=None: unet(pipe, params, x, t, ctx, control)
 
     def step(x, xs):
         t, a_t, a_prev, x_src, *negative = xs
         negative = negative[0] if negative else prompts.negative
         if uncond is None:  # both CFG halves of the reconstruction pass see the same maps
-            _, ref = unet(x_src, t, prompts.source, record_all)
+            _, ref = call(x_src, t, prompts.source, record_all)
             ref = {k: jnp.concatenate([v, v]) for k, v in ref.items()}
         else:  # reconstruction pass guided with the null embedding: each half its own reference
-            _, ref = unet(jnp.concatenate([x_src, x_src]), t, jnp.concatenate([negative, prompts.source]), record_all)
+            _, ref = call(jnp.concatenate([x_src, x_src]), t, jnp.concatenate([negative, prompts.source]), record_all)
         ref = jax.lax.stop_gradient(ref)
         pair_ctx = jnp.concatenate([negative, prompts.target])
         x_pair = jnp.concatenate([x, x])
         grad = jax.grad(cross_attention_loss, argnums=2)(pipe, params, x_pair, t, pair_ctx, ref, names)
         updates, _ = sgd.update(grad, sgd.init(x_pair))
         x_pair = optax.apply_updates(x_pair, updates)
-        out, _ = unet(x_pair, t, pair_ctx)
-        out = out.astype(jnp.float32)
-        eps = out[:b] + g * (out[b:] - out[:b])
+        out, _ = call(x_pair, t, pair_ctx)
+        eps = cfg(out[:b], out[b:], g)
         return ddim_transfer(eps, x_pair[:b], a_t, a_prev, schedule.prediction_type), None  # official: negative half
 
     xs = (timesteps, alpha_t, alpha_prev, source.trajectory) + (() if uncond is None else (uncond,))

@@ -127,13 +127,10 @@ def invert_sources(pipe, sources: dict, config, batch_size: int, plans, warmup: 
 
 def edit_with(pipe, method_config, plans, inverted: list, n: int, warmup: bool = True) -> tuple[np.ndarray, float]:
     """Edits (uint8 (n, H, W, 3)) of the inverted chunks by one method; and its seconds (all images)."""
-    from csg_jax.editing import pix2pix_zero
-    from csg_jax.editing.editor import batch_prompts, get_editor
+    from csg_jax.editing.editor import get_editor, prepare_prompts
 
     def run(idx, x_T):
-        prompts = batch_prompts(pipe, [plans[i] for i in idx], method_config.equalizer_words, method_config.token_alignment)
-        if method_config.method == "pix2pix-zero":
-            prompts = pix2pix_zero.edit_context(pipe, prompts, method_config)
+        prompts = prepare_prompts(pipe, [plans[i] for i in idx], method_config)
         editor = get_editor(pipe, method_config, x_T.shape[1:3])
         out = editor.edit(x_T, prompts, method_config)
         return jax.block_until_ready(editor.decode(out["edited"]))
