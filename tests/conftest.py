@@ -48,6 +48,21 @@ def tiny_sd2(tiny_sd2_dir):
     return load_pipeline(tiny_sd2_dir)
 
 
+@pytest.fixture(scope="session")
+def pipe(tiny_sd1):
+    """The tiny SD-1 pipeline the editing tests share (16x16 latents for 32x32 images)."""
+    return tiny_sd1
+
+
+@pytest.fixture(scope="session")
+def x_T():
+    """The inverted latent every edit starts from, (1, 16, 16, 4) (a seeded Gaussian stands in
+    for DDIM inversion)."""
+    import jax
+
+    return jax.random.normal(jax.random.PRNGKey(0), (1, 16, 16, 4))
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _XLA_CACHE is not None:
         shutil.rmtree(_XLA_CACHE, ignore_errors=True)

@@ -41,16 +41,6 @@ def _rel(a, b):
 # --- shared, expensive objects -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pipe(tiny_sd1):
-    return tiny_sd1
-
-
-@pytest.fixture(scope="module")
-def x_T():
-    return jax.random.normal(jax.random.PRNGKey(0), (1, *LATENT_HW, 4), jnp.float32)
-
-
-@pytest.fixture(scope="module")
 def plans(pipe):
     return {neg: plan_prompts(pipe, PROMPT, task=TASK, negative=neg) for neg in ("source", "empty")}
 

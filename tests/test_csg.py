@@ -37,17 +37,6 @@ DOG = [5]  # token position of "dog" in PROMPT (BOS = 0)
 # --- shared, expensive objects -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pipe(tiny_sd1):
-    return tiny_sd1
-
-
-@pytest.fixture(scope="module")
-def x_T():
-    """The inverted latent every edit starts from (a seeded Gaussian stands in for DDIM inversion)."""
-    return jax.random.normal(jax.random.PRNGKey(0), (1, *LATENT_HW, 4), jnp.float32)
-
-
-@pytest.fixture(scope="module")
 def prompts(pipe):
     return batch_prompts(pipe, [plan_prompts(pipe, PROMPT, task=TASK)])
 
