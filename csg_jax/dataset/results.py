@@ -22,18 +22,36 @@ def results_path(out: str, process_index: int = 0, process_count: int = 1) -> st
     return os.path.join(out, RESULTS if process_count == 1 else f"results.p{process_index}.jsonl")
 
 
-def read_results(out: str) -> list[dict]:
-    """All result records of ``out`` (every host's file), in file order; torn lines are skipped."""
+def result_files(out: str) -> list[str]:
+    """``results.jsonl`` and every host's ``results.p<k>.jsonl`` in ``out``, sorted."""
+    return sorted(set(glob.glob(os.path.join(out, RESULTS)) + glob.glob(os.path.join(out, "results.p*.jsonl"))))
+
+
+def read_results(out: str, problems: Optional[list] = None) -> list[dict]:
+    """All result records of ``out`` (every host's file), in file order. Torn lines, records
+    without an id and unreadable files are skipped, each noted in ``problems`` when given (else
+    an unreadable file raises)."""
     records = []
-    for path in sorted(set(glob.glob(os.path.join(out, "results.jsonl")) + glob.glob(os.path.join(out, "results.p*.jsonl")))):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and "id" in rec:
-                    records.append(rec)
+    for path in result_files(out):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        if problems is not None:
+                            problems.append(f"{path}:{n}: not JSON (torn line?), skipped")
+                        continue
+                    if isinstance(rec, dict) and "id" in rec:
+                        records.append(rec)
+                    elif problems is not None:
+                        problems.append(f"{path}:{n}: no 'id', skipped")
+        except OSError as e:
+            if problems is None:
+                raise
+            problems.append(f"cannot read {path}: {e}")
     return records
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 from collections import OrderedDict
@@ -48,31 +47,11 @@ class Item:
 
 
 def _read_records(folder: str, problems: list) -> Optional[list[dict]]:
-    """The records of ``results.jsonl`` / ``results.p*.jsonl`` (None: no such file), like
-    :func:`csg_jax.dataset.read_results` but reporting each torn line, record without an id and
-    unreadable file in ``problems`` instead of skipping it silently (or raising)."""
-    files = sorted(set(glob.glob(os.path.join(folder, "results.jsonl")) + glob.glob(os.path.join(folder, "results.p*.jsonl"))))
-    if not files:
-        return None
-    records = []
-    for path in files:
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        problems.append(f"{path}:{n}: not JSON (torn line?), skipped")
-                        continue
-                    if isinstance(rec, dict) and "id" in rec:
-                        records.append(rec)
-                    else:
-                        problems.append(f"{path}:{n}: no 'id', skipped")
-        except OSError as e:
-            problems.append(f"cannot read {path}: {e}")
-    return records
+    """The records of ``results.jsonl`` / ``results.p*.jsonl`` (None: no such file), each torn
+    line, record without an id and unreadable file reported in ``problems``."""
+    from csg_jax.dataset.results import read_results, result_files
+
+    return read_results(folder, problems) if result_files(folder) else None
 
 
 def _resolve(path: Optional[str], *bases: str) -> Optional[str]:
