@@ -133,7 +133,7 @@ def run(args) -> int:
     from csg_jax.shapes import world
     from csg_jax.shapes.judge import load_judge
     from csg_jax.shapes.localisation import word_localisation
-    from csg_jax.shapes.train import word_columns
+    from csg_jax.shapes.train_data import word_columns
     from csg_jax.shapes.sample import sample, save_grid
 
     baseline = _read_baseline(args) if args.compare else None

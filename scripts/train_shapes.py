@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from csg_jax.shapes.train import DEFAULT_RECIPE, RECIPES  # numpy only: --help stays fast
+    from csg_jax.shapes.train_config import DEFAULT_RECIPE, RECIPES  # numpy only: --help stays fast
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\nOnly")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,11 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--t-focus-max", type=int, default=400, help="(default 400)")
     p.add_argument("--edge-weight", type=float, default=0.0, help="extra loss weight of the pixels near the "
                    "object's outline: 1 + this there, 1 elsewhere (default 0: plain MSE; 4 makes the shape "
-                   "word matter more, see csg_jax.shapes.train.edge_bands)")
+                   "word matter more, see csg_jax.shapes.train_data.edge_bands)")
     p.add_argument("--edge-width", type=int, default=2, help="half-thickness in pixels of that band (default 2)")
     p.add_argument("--loc-weight", type=float, default=0.0, help="weight of the word-localisation term that pulls "
                    "the cross-attention of the object's colour and shape words into its mask (default 0: off; "
-                   "see csg_jax.shapes.train.localisation_loss)")
+                   "see csg_jax.shapes.train_step.localisation_loss)")
     p.add_argument("--loc-t-max", type=int, default=900, help="only images noised to t below this count for that "
                    "term (default 900)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
@@ -93,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from csg_jax.shapes.train import RECIPES, RunOptions, TrainConfig, train
+    from csg_jax.shapes.train import RunOptions, train
+    from csg_jax.shapes.train_config import RECIPES, TrainConfig
 
     smoke = args.smoke
     pick = lambda value, normal, tiny: value if value is not None else (tiny if smoke else normal)

@@ -1,7 +1,7 @@
 """Where the shipped shapes model lives, and how it gets there.
 
 The trained text-to-image model (a diffusers-format "pixel" folder exported by
-:func:`csg_jax.shapes.train.export_model`) ships as ``csg_jax/shapes/assets/shapes_model/`` with
+:func:`csg_jax.shapes.checkpoint.export_model`) ships as ``csg_jax/shapes/assets/shapes_model/`` with
 a ``CHECKSUM`` file beside it: the sha256 of its weights (:func:`checksum`), written by
 :func:`ship_model`, so that a test can tell a complete, unaltered copy from a stale one.
 """
