@@ -114,18 +114,8 @@ def param_shapes(unet, text, vae, latent_hw=(8, 8)):
 
 
 def _load_tokenizer(folder: str):
-    tok_dir = os.path.join(folder, "tokenizer")
-    if not os.path.isdir(tok_dir):
-        raise CheckpointError(f"missing folder: {tok_dir} (needs vocab.json and merges.txt)")
-    for name in ("vocab.json", "merges.txt"):
-        if not os.path.isfile(os.path.join(tok_dir, name)):
-            raise CheckpointError(f"missing file: {os.path.join(tok_dir, name)}")
-    try:
-        from transformers import CLIPTokenizer
-
-        return CLIPTokenizer.from_pretrained(tok_dir)
-    except Exception as e:
-        raise CheckpointError(f"cannot load the tokenizer in {tok_dir}: {e}") from None
+    """The tokenizer of a diffusers folder (its ``tokenizer/`` subfolder)."""
+    return weights.load_tokenizer(os.path.join(folder, "tokenizer"))
 
 
 def load_pipeline(path_or_id: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,

@@ -19,7 +19,7 @@ from csg_jax.dataset.manifest import Item
 class Bucket:
     """What shapes the compiled program: static config, VAE sampling, image size (H, W)."""
 
-    config: Any  # editor.static_config(...)
+    config: Any  # EditConfig.static()
     sample: bool
     hw: tuple[int, int]
     constants: tuple = ()  # settings one batch shares (baselines' knobs): ((name, value), ...)

@@ -204,9 +204,6 @@ class EditRun(NamedTuple):
     config: Any  # static EditConfig
 
 
-OUTPUTS = ("reconstruction", "edited", "mask_raw", "mask")
-
-
 class EditOutputs(dict):
     """Every method's edit result: a dict of arrays with at least ``reconstruction`` and
     ``edited`` (B, h, w, C) latents and ``mask_raw`` / ``mask`` (B, h, w); methods may add their

@@ -29,11 +29,6 @@ from csg_jax.errors import ImageError
 from csg_jax.schedule import make_schedule
 
 
-def static_config(config: EditConfig) -> EditConfig:
-    """The part of a config that shapes the compiled program (:meth:`EditConfig.static`)."""
-    return config.static()
-
-
 def method_knobs(config: EditConfig):
     """The method's own ``batch`` settings as arrays (None where it has none)."""
     return registry.module(config.method).knobs(config)
@@ -97,7 +92,7 @@ class Editor:
         """``extra_knobs``: :func:`method_knobs`; ``uncond``: (N, B, 77, D) null-text embeddings or None."""
         self.trace_counts["edit"] += 1
         if extra_knobs is None and self.method.knobs(self.config) is not None:
-            raise ValueError(f"method {self.config.method!r} needs its knobs: pass editor.method_knobs(config)")
+            raise ValueError(f"method {self.config.method!r} needs its knobs: pass method_knobs(config)")
         run = EditRun(self.pipe, params, self.schedule, self.layers, self.plan, self.config)
         return self.method.edit(run, x_T, prompts, knobs, extra_knobs, uncond)
 
@@ -153,9 +148,6 @@ class Editor:
         if key not in self._sharded:
             self._sharded[key] = make()
         return self._sharded[key]
-
-    def method_knobs(self, config: EditConfig):
-        return method_knobs(config)
 
     def stores_source_maps(self, batch: int) -> bool:
         """Whether an edit of ``batch`` images keeps the source pass's cross-attention maps (one UNet
