@@ -41,8 +41,10 @@ class _Shared:
                                    "16 for 64x64 latents, as official)", type=int, check=positive)
     seed: int = knob(0, "host", "seed (VAE sampling with --encode sample; noise regularisation rolls)")
     inversion: str = knob("standard", "static", "DDIM inversion: standard, the authors' N-2 step variant "
-                          "(reproduces the paper), or null-text (standard + per-step optimised negative embeddings)",
-                          choices=("standard", "official", "null-text"), flag="--inversion-variant",
+                          "(reproduces the paper), null-text (standard + per-step optimised negative embeddings) or "
+                          "direct (standard; the source branch follows its trajectory exactly: Direct Inversion, "
+                          "Ju et al. 2024)",
+                          choices=("standard", "official", "null-text", "direct"), flag="--inversion-variant",
                           aliases=("inversion_variant",))
     encode: str = knob("mean", "host", "VAE posterior mean (deterministic) or a seeded sample (official)",
                        choices=("mean", "sample"))

@@ -2,6 +2,8 @@
 DDIM inversion, the layer plan and the source pass with its mask statistics.
 
 * :func:`ddim_inversion`  x_0 -> x_T, DDIM inversion on the source prompt (CSG Eq. 1), no CFG.
+* :func:`source_path` / :func:`follow`  Direct Inversion (Ju et al., ICLR 2024): the inversion's
+  latents in sampling order, and the correction that puts a source branch back on them.
 * :func:`source_pass`     x_T -> reconstruction, recording per step the latent x_t^src and the
   running sums of the mask statistics (cross-attention of the source word, self-attention of the
   finest up-block layer). Both CFG halves of the official code are identical (the negative
@@ -80,6 +82,21 @@ def ddim_inversion(pipe, params, x0, ctx, schedule: DDIMSchedule, variant: str =
     return (x_T, path) if trajectory else x_T
 
 
+def source_path(trajectory: jax.Array) -> jax.Array:
+    """Direct Inversion's targets from a standard inversion's ``trajectory`` (N, B, h, w, C)
+    (:func:`ddim_inversion`, latents before each inversion step): in sampling order, entry i is the
+    latent sampling step i should end at (the inversion latent of the next timestep; the last is
+    x_0). The standard inversion mirrors the sampler step for step, so this is the reversal."""
+    return trajectory[::-1]
+
+
+def follow(x_next: jax.Array, z_next: Optional[jax.Array]) -> jax.Array:
+    """Direct Inversion's correction of a source branch after a step: add the difference between
+    the inversion latent and the branch's own, as the released code adds its precomputed offset.
+    The branch then *is* the inversion trajectory; ``z_next`` None: unchanged."""
+    return x_next if z_next is None else x_next + (z_next - x_next)
+
+
 class LayerPlan(NamedTuple):
     mask_layers: tuple[LayerInfo, ...]  # cross layers with H*W <= mask_res^2
     self_layer: LayerInfo  # finest self-attention: last up block, last transformer
@@ -134,14 +151,18 @@ class SourceResult(NamedTuple):
 
 
 def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, layers: LayerPlan,
-                uncond: Optional[jax.Array] = None, guidance_scale=None, keep_maps: bool = False) -> SourceResult:
+                uncond: Optional[jax.Array] = None, guidance_scale=None, keep_maps: bool = False,
+                path: Optional[jax.Array] = None) -> SourceResult:
     """Reverse DDIM on the source prompt, recording what the mask and the guidance need.
 
     With ``uncond`` (N, B, 77, D), per-step negative contexts from null-text inversion, each step
     is classifier-free guided, eps(uncond_i) + g (eps(source) - eps(uncond_i)) (two UNet
     evaluations; the statistics come from the conditional half): the trajectory the null
     embeddings were optimised to follow. ``keep_maps``: also return every step's cross-attention
-    probabilities (``SourceResult.cross_maps``) for the two-pass mixup.
+    probabilities (``SourceResult.cross_maps``) for the two-pass mixup. ``path`` (N, B, h, w, C):
+    Direct Inversion's targets (:func:`source_path`); each step's latent is corrected onto them
+    (:func:`follow`), so the trajectory is the inversion's and the reconstruction is x_0, while
+    the statistics still come from the UNet at those latents.
     """
     b, h, w, _ = x_T.shape
     if keep_maps:  # full maps of every cross layer; the mask's token means are taken from them below
@@ -155,7 +176,7 @@ def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, lay
     timesteps, alpha_t, alpha_prev = sampling_plan(schedule)
 
     def step(carry: SourceStats, xs):
-        t, a_t, a_prev, *negative = xs
+        t, a_t, a_prev, z_next, *negative = xs
         if uncond is None:
             out, rec = unet(pipe, params, carry.latent, t, prompts.source, control)
         else:
@@ -168,7 +189,7 @@ def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, lay
             maps = {l.name: rec[l.name] for l in layers.cross_layers}
             rec = dict(rec, **{l.name: summarise_probs(rec[l.name], "token_mean", prompts.source_columns)
                                for l in layers.mask_layers})
-        nxt = ddim_transfer(out, carry.latent, a_t, a_prev, schedule.prediction_type)
+        nxt = follow(ddim_transfer(out, carry.latent, a_t, a_prev, schedule.prediction_type), z_next)
         stats = SourceStats(
             nxt,
             carry.mask_sum + step_mask(rec, prompts, layers, (h, w)).astype(jnp.float32),
@@ -178,7 +199,7 @@ def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, lay
 
     q = layers.self_layer.resolution[0] * layers.self_layer.resolution[1]
     init = SourceStats(x_T.astype(jnp.float32), jnp.zeros((b, h, w)), jnp.zeros((b, q, q)))
-    xs = (timesteps, alpha_t, alpha_prev) + (() if uncond is None else (uncond,))
+    xs = (timesteps, alpha_t, alpha_prev, path) + (() if uncond is None else (uncond,))
     final, (trajectory, cross_maps) = jax.lax.scan(step, init, xs)
     n = timesteps.shape[0]
     mask_raw = jnp.clip(final.mask_sum / n, 0.0, 1.0)
@@ -194,7 +215,8 @@ def source_pass(pipe, params, x_T, prompts: Prompts, schedule: DDIMSchedule, lay
 
 class EditRun(NamedTuple):
     """What a method's traced ``edit`` works with: the model and its params, the sampling
-    schedule, the shared layer plan, the method's own plan and the static config."""
+    schedule, the shared layer plan, the method's own plan and the static config; with
+    ``inversion="direct"`` the inversion latents its source branch must follow."""
 
     pipe: Any
     params: Any
@@ -202,6 +224,9 @@ class EditRun(NamedTuple):
     layers: LayerPlan
     plan: Any  # the plug-in's ``plan(...)`` result (None if it has none)
     config: Any  # static EditConfig
+    # (N, B, h, w, C) Direct Inversion's targets (:func:`source_path`): after sampling step i the source
+    # branch is put onto source_path[i] (:func:`follow`); the target branch is left to the method. None: off.
+    source_path: Optional[jax.Array] = None
 
 
 class EditOutputs(dict):

@@ -67,10 +67,12 @@ def plan(pipe, latent_hw, layers: LayerPlan, config):
 
 def edit(run: EditRun, x_T, prompts: Prompts, knobs, method_knobs=None, uncond=None) -> EditOutputs:
     """Source pass, then the target pass, from x_T (B, h, w, C); ``uncond`` (N, B, 77, D):
-    per-step negative contexts (null-text) or None."""
+    per-step negative contexts (null-text) or None. With Direct Inversion (``run.source_path``)
+    x_t^src -- what the guidance pulls toward, where the mask's statistics and the mixup's source
+    maps are read -- is the inversion trajectory itself."""
     keep = store_source_maps(run.config, run.layers, x_T.shape[0], run.pipe.unet.dtype)
     source = source_pass(run.pipe, run.params, x_T, prompts, run.schedule, run.layers, uncond, knobs.guidance_scale,
-                         keep_maps=keep)
+                         keep_maps=keep, path=run.source_path)
     edited = target_pass(run.pipe, run.params, x_T, prompts, source, run.schedule, run.layers, run.config, knobs,
                          uncond)
     return EditOutputs(source.reconstruction, edited, source.mask_raw, source.mask)

@@ -4,7 +4,7 @@
 model, a latent size and the static part of a config (:meth:`EditConfig.static`): the pure,
 jit-able :meth:`Editor.program` over a batch (dataset mode wraps it in ``shard_map``, the
 benchmarks lower it), and its stages jitted one by one (:meth:`Editor.encode`, ``invert``,
-``invert_null_text``, ``edit``, ``decode``) so that an image is inverted once and edited for many
+``invert_null_text``, ``invert_direct``, ``edit``, ``decode``) so that an image is inverted once and edited for many
 tasks without recompiling. The method is a plug-in (:mod:`csg_jax.editing.registry`);
 ``translate_image(pipe, image, prompt, task=... | target_prompt=..., config=EditConfig())`` runs
 the program's stages on a batch of one.
@@ -23,7 +23,7 @@ import numpy as np
 
 from csg_jax.editing import costs, null_text, pix2pix_zero, registry
 from csg_jax.editing.config import EditConfig, Knobs
-from csg_jax.editing.core import EditOutputs, EditRun, Prompts, ddim_inversion, plan_layers
+from csg_jax.editing.core import EditOutputs, EditRun, Prompts, ddim_inversion, plan_layers, source_path
 from csg_jax.editing.plans import PromptPlan, batch_prompts, plan_prompts  # noqa: F401  (the API)
 from csg_jax.errors import ImageError
 from csg_jax.schedule import make_schedule
@@ -47,7 +47,7 @@ class Editor:
     can check that repeated calls with equal shapes reuse the compiled program.
     """
 
-    STAGES = ("encode", "invert", "null_text", "edit", "decode", "program")
+    STAGES = ("encode", "invert", "null_text", "invert_direct", "edit", "decode", "program")
 
     def __init__(self, pipe, config: EditConfig, latent_hw: tuple[int, int]):
         self.pipe = pipe
@@ -58,9 +58,10 @@ class Editor:
         mask_res = config.mask_res or pipe.defaults.get("mask_res") or config.mask_resolution(self.latent_hw)
         self.layers = plan_layers(pipe.unet.config, self.latent_hw, int(mask_res))
         self.plan = self.method.plan(pipe, self.latent_hw, self.layers, self.config)
-        self.trace_counts = {"encode": 0, "invert": 0, "edit": 0, "decode": 0, "null_text": 0}
+        self.trace_counts = {"encode": 0, "invert": 0, "edit": 0, "decode": 0, "null_text": 0, "invert_direct": 0}
         self._jitted = {"encode": jax.jit(self._encode_impl), "invert": jax.jit(self._invert_impl),
-                        "null_text": jax.jit(self._null_text_impl), "edit": jax.jit(self._edit_impl),
+                        "null_text": jax.jit(self._null_text_impl), "invert_direct": jax.jit(self._invert_direct_impl),
+                        "edit": jax.jit(self._edit_impl),
                         "decode": jax.jit(self._decode_impl), "program": jax.jit(self.program)}
         self._sharded: dict = {}  # (mesh devices, sample) -> jit(shard_map(program)), see csg_jax.dataset
 
@@ -83,17 +84,29 @@ class Editor:
         variant = "official" if self.config.inversion == "official" else "standard"
         return ddim_inversion(self.pipe, params, x0, source_ctx, self.schedule, variant, self._noise_fn(rng))
 
+    def _invert_direct_impl(self, params, x0, source_ctx, rng=None):
+        """Direct Inversion: standard DDIM inversion keeping its latents -> (x_T, (N, B, h, w, C)
+        targets of the source branch in sampling order, :func:`core.source_path`)."""
+        self.trace_counts["invert_direct"] += 1
+        x_T, trajectory = ddim_inversion(self.pipe, params, x0, source_ctx, self.schedule, "standard",
+                                         self._noise_fn(rng), trajectory=True)
+        return x_T, source_path(trajectory)
+
     def _null_text_impl(self, params, x0, prompts: Prompts, knobs: Knobs, rng=None):
         self.trace_counts["null_text"] += 1
         return null_text.null_text_inversion(self.pipe, params, x0, prompts.source, prompts.negative, self.schedule,
                                              knobs.guidance_scale, int(self.config.null_text_steps), self._noise_fn(rng))
 
-    def _edit_impl(self, params, x_T, prompts: Prompts, knobs: Knobs, extra_knobs=None, uncond=None) -> EditOutputs:
-        """``extra_knobs``: :func:`method_knobs`; ``uncond``: (N, B, 77, D) null-text embeddings or None."""
+    def _edit_impl(self, params, x_T, prompts: Prompts, knobs: Knobs, extra_knobs=None, uncond=None,
+                   path=None) -> EditOutputs:
+        """``extra_knobs``: :func:`method_knobs`; ``uncond``: (N, B, 77, D) null-text embeddings or None;
+        ``path``: (N, B, h, w, C) Direct Inversion's targets of the source branch or None."""
         self.trace_counts["edit"] += 1
         if extra_knobs is None and self.method.knobs(self.config) is not None:
             raise ValueError(f"method {self.config.method!r} needs its knobs: pass method_knobs(config)")
-        run = EditRun(self.pipe, params, self.schedule, self.layers, self.plan, self.config)
+        if (path is None) == (self.config.inversion == "direct"):
+            raise ValueError("Direct Inversion's edit needs the inversion trajectory (path), and only it takes one")
+        run = EditRun(self.pipe, params, self.schedule, self.layers, self.plan, self.config, path)
         return self.method.edit(run, x_T, prompts, knobs, extra_knobs, uncond)
 
     def _decode_impl(self, params, latents):
@@ -102,19 +115,24 @@ class Editor:
 
     def _stages(self, stage: Callable, params, images, keys, prompts: Prompts, knobs: Knobs, extra_knobs=None,
                 rng=None, x_T=None, uncond=None) -> dict:
-        """The program's order, written once: encode -> invert (or null-text) -> edit -> decode.
+        """The program's order, written once: encode -> invert (null-text, direct) -> edit -> decode.
         ``stage(name, *args)`` runs one stage (inline when traced, or jitted and timed); with
         ``x_T`` given the first two are skipped (``uncond``: its null embeddings, if any)."""
-        extra = {}
+        extra, path = {}, None
         if x_T is None:
             x0 = stage("encode", params, images, keys)
             if self.config.inversion == "null-text":
                 nt = stage("null_text", params, x0, prompts, knobs, rng)
                 x_T, uncond = nt.x_T, nt.uncond
                 extra = {"null_embeddings": jnp.moveaxis(nt.uncond, 1, 0), "null_text_iterations": nt.iterations.T}
+            elif self.config.inversion == "direct":
+                x_T, path = stage("invert_direct", params, x0, prompts.source, rng)
             else:
                 x_T = stage("invert", params, x0, prompts.source, rng)
-        out = stage("edit", params, x_T, prompts, knobs, extra_knobs, uncond)
+        elif self.config.inversion == "direct":
+            raise ImageError("Direct Inversion follows the whole inversion trajectory, which a saved x_T does not "
+                             "hold: edit from the image (or choose another --inversion-variant)")
+        out = stage("edit", params, x_T, prompts, knobs, extra_knobs, uncond, path)
         b = x_T.shape[0]
         decoded = stage("decode", params, jnp.concatenate([out["reconstruction"], out["edited"]]))
         return {"inverted": x_T, **out, **extra, "reconstruction_image": decoded[:b], "edit_image": decoded[b:]}
@@ -131,7 +149,7 @@ class Editor:
         (B, N, 77, D) and null_text_iterations (B, N).
         """
         impls = {"encode": self._encode_impl, "invert": self._invert_impl, "null_text": self._null_text_impl,
-                 "edit": self._edit_impl, "decode": self._decode_impl}
+                 "invert_direct": self._invert_direct_impl, "edit": self._edit_impl, "decode": self._decode_impl}
         return self._stages(lambda name, *args: impls[name](*_trim(*args)), params, images, keys, prompts, knobs,
                             extra_knobs, rng)
 
@@ -184,11 +202,16 @@ class Editor:
         return self._jitted["null_text"](self.pipe.params, x0, prompts, Knobs.from_config(config),
                                          *_trim(self._rng(config.seed)))
 
-    def edit(self, x_T, prompts: Prompts, config: EditConfig, uncond=None) -> EditOutputs:
-        """``uncond``: (N, B, 77, D) per-step negative embeddings from :meth:`invert_null_text`."""
+    def invert_direct(self, x0, source_ctx, seed: int = 0):
+        """Direct Inversion: (x_T, (N, B, h, w, C) the source branch's targets) for :meth:`edit`'s ``path``."""
+        return self._jitted["invert_direct"](*_trim(self.pipe.params, x0, source_ctx, self._rng(seed)))
+
+    def edit(self, x_T, prompts: Prompts, config: EditConfig, uncond=None, path=None) -> EditOutputs:
+        """``uncond``: (N, B, 77, D) per-step negative embeddings from :meth:`invert_null_text`;
+        ``path``: Direct Inversion's targets from :meth:`invert_direct`."""
         self._check(config)
         return self._jitted["edit"](*_trim(self.pipe.params, x_T, prompts, Knobs.from_config(config),
-                                           method_knobs(config), uncond))
+                                           method_knobs(config), uncond, path))
 
     def decode(self, latents):
         return self._jitted["decode"](self.pipe.params, latents)
@@ -311,7 +334,7 @@ def translate_image(pipe, image=None, prompt: str = "", task: Optional[str] = No
             raise ImageError(f"the null embeddings hold {uncond.shape[0]} steps, the edit has {config.num_steps}")
     stage_s: dict = {}
     out = editor.run(None if x is None else jnp.asarray(x), prompts, config, x_T, uncond, stage_s)
-    timings = {"invert_s": sum(stage_s.get(k, 0.0) for k in ("encode_s", "invert_s", "null_text_s")),
+    timings = {"invert_s": sum(stage_s.get(k, 0.0) for k in ("encode_s", "invert_s", "null_text_s", "invert_direct_s")),
                "edit_s": stage_s["edit_s"], "decode_s": stage_s["decode_s"]}
     one = lambda k: np.asarray(out[k][0])
     return EditResult(

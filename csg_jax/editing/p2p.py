@@ -71,7 +71,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from csg_jax.editing.core import EditOutputs, EditRun, LayerPlan, Prompts, cfg, per_image, step_mask, unet
+from csg_jax.editing.core import EditOutputs, EditRun, LayerPlan, Prompts, cfg, follow, per_image, step_mask, unet
 from csg_jax.editing.schema import fraction, knob, non_negative
 from csg_jax.errors import ConfigError
 from csg_jax.models.attention import AttentionControl
@@ -227,7 +227,9 @@ def word_maps(records: dict, layers: Layers, weights: jax.Array) -> jax.Array:
 
 def edit(run: EditRun, x_T, prompts: Prompts, knobs, p2p_knobs: Knobs, uncond: Optional[jax.Array] = None) -> EditOutputs:
     """P2P edit from x_T (B, h, w, C). ``uncond`` (N, B, 77, D): per-step negative contexts
-    (null-text inversion) for both branches instead of ``prompts.negative``.
+    (null-text inversion) for both branches instead of ``prompts.negative``. With Direct Inversion
+    (``run.source_path``) the source branch is corrected onto the inversion trajectory after every
+    step (PnP Inversion's combination with P2P); the target branch keeps its own.
 
     Returns {"reconstruction", "edited"} latents (B, h, w, C), {"mask_raw", "mask"} (B, h, w) and
     "word_maps" (B, 2, r, r): LocalBlend's source / target word maps summed over the steps.
@@ -272,7 +274,7 @@ def edit(run: EditRun, x_T, prompts: Prompts, knobs, p2p_knobs: Knobs, uncond: O
 
     def step(carry, xs):
         x_src, x_tgt, word_sum, mask_sum = carry
-        i, t, a_t, a_prev, *negative = xs
+        i, t, a_t, a_prev, z_next, *negative = xs
         negative = negative[0] if negative else prompts.negative
         mix = {l.name: weights(i < p2p_knobs.cross_steps, l) for l in layers.cross}
         mix.update({l.name: weights(i < p2p_knobs.self_steps, l) for l in layers.self_replaced})
@@ -282,7 +284,8 @@ def edit(run: EditRun, x_T, prompts: Prompts, knobs, p2p_knobs: Knobs, uncond: O
         x4 = jnp.concatenate([x_src, x_tgt, x_src, x_tgt])
         out, rec = unet(pipe, params, x4, t, jnp.concatenate([negative, negative, ctx_cond]), control)
         u_src, u_tgt, c_src, c_tgt = jnp.split(out, 4)
-        x_src_next = ddim_transfer(cfg(u_src, c_src, g), x_src, a_t, a_prev, schedule.prediction_type)
+        # Direct Inversion: the source branch back on the inversion trajectory, before LocalBlend reads it
+        x_src_next = follow(ddim_transfer(cfg(u_src, c_src, g), x_src, a_t, a_prev, schedule.prediction_type), z_next)
         x_tgt_next = ddim_transfer(cfg(u_tgt, c_tgt, g), x_tgt, a_t, a_prev, schedule.prediction_type)
 
         cond = {name: jnp.stack([rec[name][2 * b : 3 * b], rec[name][3 * b :]]) for name in blend_names}
@@ -301,7 +304,7 @@ def edit(run: EditRun, x_T, prompts: Prompts, knobs, p2p_knobs: Knobs, uncond: O
 
     x = x_T.astype(jnp.float32)
     init = (x, x, jnp.zeros((b, 2, *layers.blend_hw), jnp.float32), jnp.zeros((b, h, w), jnp.float32))
-    xs = (jnp.arange(n), timesteps, alpha_t, alpha_prev) + (() if uncond is None else (uncond,))
+    xs = (jnp.arange(n), timesteps, alpha_t, alpha_prev, run.source_path) + (() if uncond is None else (uncond,))
     (x_src, x_tgt, word_sum, mask_sum), _ = jax.lax.scan(step, init, xs)
     mask_raw = jnp.clip(mask_sum / n, 0.0, 1.0)
     mask = blend_mask(word_sum, (h, w), p2p_knobs.blend_threshold) if config.local_blend else mask_raw

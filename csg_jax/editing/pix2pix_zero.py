@@ -93,8 +93,10 @@ def plan(pipe, latent_hw, layers: LayerPlan, config):
 
 
 def edit(run: EditRun, x_T, prompts: Prompts, knobs, p2pz_knobs: Knobs, uncond=None) -> EditOutputs:
-    """The source pass (its trajectory gives the reference maps), then the guided target pass."""
-    source = source_pass(run.pipe, run.params, x_T, prompts, run.schedule, run.layers, uncond, knobs.guidance_scale)
+    """The source pass (its trajectory gives the reference maps; with Direct Inversion it is the
+    inversion's, ``run.source_path``), then the guided target pass."""
+    source = source_pass(run.pipe, run.params, x_T, prompts, run.schedule, run.layers, uncond, knobs.guidance_scale,
+                         path=run.source_path)
     edited = target_pass(run.pipe, run.params, x_T, prompts, source, run.schedule, run.layers, knobs, p2pz_knobs,
                          uncond)
     return EditOutputs(source.reconstruction, edited, source.mask_raw, source.mask)
