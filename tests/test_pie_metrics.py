@@ -143,26 +143,28 @@ def test_clip_score_whole_and_masked_vs_torch_clip(tiny):
     masks = np.zeros((2, 40, 48), bool)
     masks[0, 10:30, 12:40] = True
     masks[1, :20] = True
-    prompts = ["a photo of a cat", "a red circle on a blue background"]
     proc = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    ids = tiny["tok"](prompts, padding="max_length", max_length=77, return_tensors="pt")
 
-    def torch_score(images):
+    def torch_cos(images, prompts):
+        ids = tiny["tok"](prompts, padding="max_length", max_length=77, return_tensors="pt")
         pv = proc(list(images), return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             i = tiny["clip"].get_image_features(pixel_values=pv)
             t = tiny["clip"].get_text_features(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
         i, t = getattr(i, "pooler_output", i), getattr(t, "pooler_output", t)
-        cos = torch.sum(i / i.norm(dim=-1, keepdim=True) * t / t.norm(dim=-1, keepdim=True), -1).numpy()
-        return 100 * np.maximum(cos, 0)
+        return torch.sum(i / i.norm(dim=-1, keepdim=True) * t / t.norm(dim=-1, keepdim=True), -1).numpy()
 
     sim = S.ClipSimilarity(lc, resample="pil", batch_size=2)
+    prompts = ["blue square", "a"]  # positive cosines on this tiny random CLIP (whole and masked)
     whole, masked = sim.clip_score(imgs, prompts), sim.clip_score(imgs, prompts, masks)
-    want_w = torch_score(imgs)
-    want_m = torch_score(np.uint8(imgs * masks[..., None].astype(np.float32)))  # PIE-Bench's np.uint8(img * mask)
-    e_w, e_m = np.abs(whole - want_w).max(), np.abs(masked - want_m).max()
-    print(f"CLIPScore x100 parity: whole {e_w:.2e}, masked {e_m:.2e} (values {want_w}, {want_m})")
-    assert e_w <= 1e-3 and e_m <= 1e-3 and np.abs(want_w - want_m).max() > 1e-2
+    cos_w = torch_cos(imgs, prompts)
+    cos_m = torch_cos(np.uint8(imgs * masks[..., None].astype(np.float32)), prompts)  # PIE-Bench's np.uint8(img * mask)
+    assert (cos_w > 0).all() and (cos_m > 0).all()
+    e_w, e_m = np.abs(whole - 100 * cos_w).max(), np.abs(masked - 100 * cos_m).max()
+    print(f"CLIPScore x100 parity: whole {e_w:.2e}, masked {e_m:.2e} (values {100 * cos_w}, {100 * cos_m})")
+    assert e_w <= 1e-3 and e_m <= 1e-3 and np.abs(cos_w - cos_m).min() > 1e-2
+    neg = ["a photo of a cat"] * 2  # negative cosine: CLIPScore clamps to 0
+    assert (torch_cos(imgs, neg) < 0).all() and (sim.clip_score(imgs, neg) == 0).all()
 
 
 def test_pie_structure_distance_preprocessing(tiny):
