@@ -109,6 +109,7 @@ def attach(items: list[Item], settings: EvalSettings, problems: list, log) -> di
             _attach(it, entry, settings.images)
         except Exception as e:  # an unreadable source is this item's problem only
             it.note(f"PIE-Bench: {e}")
+            problems.append(f"PIE-Bench: {it.method}/{it.id} not evaluated: {e}")
     for m, ids in unmatched.items():
         if ids:
             problems.append(f"{m}: {len(ids)} result id(s) not in the PIE-Bench mapping file: "

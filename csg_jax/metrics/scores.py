@@ -2,10 +2,11 @@
 
 * :class:`ClipSimilarity` -- CS: cosine between CLIP's image embedding of the edit and the text
   embedding of the target prompt (plain cosine, the paper's ~0.29-0.33 scale; ``clipscore`` =
-  CLIPScore's ``2.5 * max(cos, 0)`` is also returned).
+  CLIPScore's ``2.5 * max(cos, 0)`` is also returned); ``clip_score``: PIE-Bench's
+  ``100 * max(cos, 0)``, optionally of the masked image.
 * :class:`StructureDistance` -- SD (Splice / Plug-and-Play): DINO ViT keys of the last block
   (heads concatenated) -> cosine self-similarity over all tokens incl. [CLS] -> mean squared
-  difference between source and edit matrices.
+  difference between source and edit matrices (``StructureDistance.pie_bench``: PIE-Bench's input).
 * :class:`Perceptual` -- Johnson et al.'s VGG-16 perceptual distances, pairwise over a set, for
   RD (Eq. 19, :func:`csg_jax.metrics.vgg.relational_distance`).
 * :class:`LPIPSScorer` -- LPIPS and BG-LPIPS: the spatial LPIPS map averaged over background
