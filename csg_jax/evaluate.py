@@ -33,6 +33,20 @@ italics), ``report.json`` (settings, skipped metrics, problems) and one bar char
 (``cs.png``, ``sd.png``, ``rd.png``, ``bg_lpips.png``). Corrupt or failed items are listed and
 skipped. Exit status: 0 all items evaluated, 3 some items could not be, 2 nothing to evaluate.
 
+PIE-Bench (``--pie-bench mapping_file.json``, with ``--images annotation_images``; docs/pie_bench.md)::
+
+    python -m csg_jax.evaluate --results CSG=out/pie_csg --pie-bench PIE/mapping_file.json \\
+        --images PIE/annotation_images --clip weights/clip-vit-large-patch14 --dino weights/dino-vitb8 \\
+        --lpips-net squeeze --squeeze weights/squeezenet1_1-b8a52dc0.pth --lpips weights/lpips/squeeze.pth \\
+        --by-edit-type --out out/eval_pie
+
+adds PIE-Bench's per-item metrics (:mod:`csg_jax.evaluation.pie`: structure distance; PSNR, LPIPS,
+MSE, SSIM of the unedited part; CLIPScore of the whole edit and of its edited part) and writes
+``pie_metrics.csv``, ``pie_summary.csv`` and ``pie_table.md`` (PIE-Bench's units: structure x10^3,
+LPIPS x10^3, MSE x10^4, SSIM x10^2), also under ``report.json``'s ``pie``. PSNR / MSE / SSIM need no
+weights; the others are skipped, with the flag to pass, when theirs are missing. Malformed mapping
+entries and result ids not in the mapping are listed as problems.
+
 This module is the command line only; the library is :mod:`csg_jax.evaluation` (typed
 :class:`~csg_jax.evaluation.EvalSettings`, :func:`~csg_jax.evaluation.run_evaluation`).
 """
@@ -60,7 +74,7 @@ def _method_dir(s: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m csg_jax.evaluate",
-                                description="CS, SD, RD and BG-LPIPS of translate outputs, and the paper's tables.",
+                                description="CS, SD, RD and BG-LPIPS of translate outputs, the paper's tables, and PIE-Bench's.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--results", type=_method_dir, action="append", required=True, metavar="METHOD=DIR",
                    help="a method's translate output folder (repeatable; order = column order)")
@@ -70,8 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dino", metavar="DIR", help="transformers ViTModel folder (facebook/dino-vitb8) -> SD")
     w.add_argument("--vgg", metavar="FILE", help="torchvision vgg16 state dict (.pth or .safetensors) -> RD (and the LPIPS trunk)")
     w.add_argument("--lpips", metavar="FILE", help="lpips v0.1 linear heads (lpips/weights/v0.1/vgg.pth) -> BG-LPIPS")
-    w.add_argument("--lpips-net", choices=["vgg", "alex"], default=EvalSettings.lpips_net, help="LPIPS trunk")
+    w.add_argument("--lpips-net", choices=["vgg", "alex", "squeeze"], default=EvalSettings.lpips_net,
+                   help="LPIPS trunk (PIE-Bench: squeeze)")
     w.add_argument("--alex", metavar="FILE", help="torchvision alexnet state dict (with --lpips-net alex)")
+    w.add_argument("--squeeze", metavar="FILE",
+                   help="torchvision squeezenet1_1 state dict (squeezenet1_1-b8a52dc0.pth, with --lpips-net squeeze)")
+    pb = p.add_argument_group("PIE-Bench (its metrics and table beside the ones above)")
+    pb.add_argument("--pie-bench", metavar="FILE",
+                    help="PIE-Bench mapping_file.json: items matched by id; structure, PSNR / LPIPS / MSE / SSIM "
+                         "of the unedited part, CLIP whole / edited -> pie_metrics.csv, pie_summary.csv, pie_table.md")
+    pb.add_argument("--images", metavar="DIR",
+                    help="PIE-Bench annotation_images folder (the sources, by image_path; default: the results' sources)")
+    pb.add_argument("--by-edit-type", action="store_true", help="PIE table rows per editing type too")
+    pb.add_argument("--pie-sd", choices=["pie", "splice"], default=EvalSettings.pie_sd,
+                    help="PIE structure-distance input: its evaluator's (0..255 values normalised, resize without "
+                         "antialias) or our SD's (/255, antialiased)")
     s = p.add_argument_group("settings")
     s.add_argument("--bg-mask", default=EvalSettings.bg_mask,
                    help="BG-LPIPS background: 'own' (each method's mask.png), a METHOD name (its masks for every "

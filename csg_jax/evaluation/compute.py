@@ -27,6 +27,12 @@ def _bar(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr, leave=False)
 
 
+# --lpips-net -> (EvalSettings field of the trunk file, load_trunk arch, the flag to ask for)
+_LPIPS_TRUNKS = {"vgg": ("vgg", "vgg16", "--vgg FILE (torchvision vgg16-397923af.pth)"),
+                 "alex": ("alex", "alexnet", "--alex FILE (torchvision alexnet-owt-7be5be79.pth)"),
+                 "squeeze": ("squeeze", "squeezenet1_1", "--squeeze FILE (torchvision squeezenet1_1-b8a52dc0.pth)")}
+
+
 def load_scorers(settings: EvalSettings, log) -> tuple[dict, dict]:
     """{metric: scorer} for every metric with weights; {metric: reason} for the skipped ones."""
     from csg_jax.metrics import scores as S
@@ -65,11 +71,13 @@ def load_scorers(settings: EvalSettings, log) -> tuple[dict, dict]:
     def lp():
         from csg_jax.metrics.vgg import load_heads, load_trunk
 
-        trunk_file = s.vgg if s.lpips_net == "vgg" else s.alex
+        if s.lpips_net not in _LPIPS_TRUNKS:
+            raise CSGError(f"unknown --lpips-net {s.lpips_net!r}; expected one of {sorted(_LPIPS_TRUNKS)}")
+        field, arch, flag = _LPIPS_TRUNKS[s.lpips_net]
+        trunk_file = getattr(s, field)
         if not trunk_file:
-            raise CSGError(f"LPIPS ({s.lpips_net}) also needs the trunk weights: "
-                           + ("--vgg FILE (torchvision vgg16)" if s.lpips_net == "vgg" else "--alex FILE (torchvision alexnet)"))
-        cfg, trunk = load_trunk(trunk_file, "vgg16" if s.lpips_net == "vgg" else "alexnet")
+            raise CSGError(f"LPIPS ({s.lpips_net}) also needs the trunk weights: {flag}")
+        cfg, trunk = load_trunk(trunk_file, arch)
         return S.LPIPSScorer(cfg, trunk, load_heads(s.lpips, cfg), batch_size=s.batch_size)
 
     attempt("cs", "--clip folder", s.clip, clip)

@@ -6,11 +6,12 @@ import csv
 import math
 import os
 from io import StringIO
+from typing import Optional
 
 from csg_jax import io
 from csg_jax.evaluation.compute import summarize
 from csg_jax.evaluation.results import Item
-from csg_jax.evaluation.settings import HIGHER_IS_BETTER, LABELS, METRICS, EvalSettings
+from csg_jax.evaluation.settings import HIGHER_IS_BETTER, LABELS, METRICS, PIE_COLUMNS, PIE_REFERENCE, EvalSettings
 
 CSV_FIELDS = ("method", "id", "task", "status", "cs", "clipscore", "sd", "lpips", "bg_lpips", "bg_fraction",
               "mask", "source", "target_prompt", "source_prompt", "folder", "error")
@@ -62,6 +63,68 @@ def write_csv(path: str, rows: list[dict], fields) -> None:
         f.write(buf.getvalue().encode())
 
     io.atomic_write(path, write)
+
+
+PIE_ITEM_FIELDS = ("method", "id", "edit_type", "edit_type_name", "structure", "psnr", "lpips", "mse", "ssim",
+                   "clip_whole", "clip_edited", "mask_fraction", "target_prompt", "source", "notes")
+PIE_SUMMARY_FIELDS = ("method", "edit_type", "edit_type_name", "n", "structure", "psnr", "lpips", "mse", "ssim",
+                      "clip_whole", "clip_edited")
+
+
+def pie_markdown(pie: dict, settings: EvalSettings, problems: list[str]) -> str:
+    """PIE-Bench's table (method rows x its columns, its units; per editing type with
+    ``by_edit_type``), best in bold, second in italics, the paper's DDIM + P2P row for reference."""
+    cols = [c for c in PIE_COLUMNS if c[0] in pie["columns"]]
+    head = ["Method"] + [f"{label} {'↑' if hi else '↓'}" for _, label, _, hi in cols] + ["n"]
+    lines = ["# PIE-Bench", "", f"Mapping file: `{settings.pie_bench}`; sources: `{settings.images or 'the results'}`.", ""]
+
+    def block(title, rows):
+        lines.extend([f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)])
+        marks = {k: _rank_marks([r[k] for r in rows], hi) for k, _, _, hi in cols}
+        for i, r in enumerate(rows):
+            cells = [_pie_cell(r[k], marks[k][i]) for k, _, _, _ in cols]
+            lines.append("| " + " | ".join([r["method"]] + cells + [str(r["n"])]) + " |")
+        lines.append("")
+
+    block("All items", [r for r in pie["rows"] if r["edit_type"] == "all"])
+    for tid in sorted({r["edit_type"] for r in pie["rows"]} - {"all"}):
+        rows = [r for r in pie["rows"] if r["edit_type"] == tid]
+        block(f"{tid}: {rows[0]['edit_type_name']}", rows)
+    ref = PIE_REFERENCE
+    lines += ["Reference, " + ref["method"] + ": "
+              + " / ".join(f"{label} {ref[k]:.2f}" for k, label, _, _ in PIE_COLUMNS) + ".", "",
+              "Units as PIE-Bench's: structure distance ×10³, LPIPS ×10³, MSE ×10⁴, SSIM ×10², CLIP = "
+              "CLIPScore 100·max(cos, 0) with the target prompt (whole image; edited part = image × mask). "
+              "PSNR / LPIPS / MSE / SSIM on the unedited part (both images × (1 − mask), mask border set); "
+              "an identical unedited part has PSNR inf, which the mean keeps (as PIE-Bench's). "
+              f"Structure input: {settings.pie_sd}; LPIPS net: {settings.lpips_net}"
+              + ("" if settings.lpips_net == "squeeze" else " (PIE-Bench: squeeze)") + "; CLIP: "
+              + (f"`{settings.clip}`" if settings.clip else "–") + " (PIE-Bench: ViT-L/14).", ""]
+    missing = {m: n for m, n in pie["missing"].items() if n}
+    if missing:
+        lines.append("Annotated items without a result: " + ", ".join(f"{m} {n}" for m, n in missing.items()) + ".")
+    if pie["skipped"]:
+        lines += ["", "Skipped columns:"] + [f"- {k}: {r}" for k, r in pie["skipped"].items()]
+    pie_problems = [p for p in problems if "PIE-Bench" in p]
+    if pie_problems:
+        lines += ["", "Problems:"] + [f"- {p}" for p in pie_problems]
+    return "\n".join(lines) + "\n"
+
+
+def _pie_cell(v, mark) -> str:
+    s = "–" if v is None or math.isnan(v) else "inf" if math.isinf(v) else f"{v:.2f}"
+    return f"**{s}**" if mark == "best" else f"*{s}*" if mark == "second" else s
+
+
+def write_pie_outputs(out: str, pie: dict, settings: EvalSettings, problems: list[str]) -> str:
+    """pie_metrics.csv (per item and method, raw units), pie_summary.csv (PIE units) and
+    pie_table.md into ``out``; returns the table's markdown."""
+    os.makedirs(out, exist_ok=True)
+    write_csv(os.path.join(out, "pie_metrics.csv"), pie["items"], PIE_ITEM_FIELDS)
+    write_csv(os.path.join(out, "pie_summary.csv"), pie["rows"], PIE_SUMMARY_FIELDS)
+    md = pie_markdown(pie, settings, problems)
+    io.atomic_write(os.path.join(out, "pie_table.md"), lambda f: f.write(md.encode()))
+    return md
 
 
 def _palette(i: int) -> tuple[int, int, int]:
@@ -146,9 +209,9 @@ def _json_clean(obj):
 
 
 def write_outputs(out: str, items: list[Item], rd: dict, methods: list[str], scorers: dict, skipped: dict,
-                  problems: list[str], settings: EvalSettings) -> dict:
-    """metrics.csv, summary.csv, table.md, report.json and the bar charts into ``out``;
-    returns {"tasks", "table", "charts"}."""
+                  problems: list[str], settings: EvalSettings, extra: Optional[dict] = None) -> dict:
+    """metrics.csv, summary.csv, table.md, report.json (plus ``extra``'s keys) and the bar charts
+    into ``out``; returns {"tasks", "table", "charts"}."""
     s = settings
     os.makedirs(out, exist_ok=True)
     tasks, table = summarize(items, rd, methods)
@@ -197,5 +260,6 @@ def write_outputs(out: str, items: list[Item], rd: dict, methods: list[str], sco
               "settings": s.recorded(),
               "charts": charts, "rd": {f"{m}|{t}": v for (m, t), v in rd.items()},
               "counts": {m: {"items": n_items[m], "evaluated": n_ok[m]} for m in methods}}
+    report.update(extra or {})
     io.save_json(os.path.join(out, "report.json"), _json_clean(report))
     return {"tasks": tasks, "table": table, "charts": charts}

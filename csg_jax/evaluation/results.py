@@ -33,6 +33,9 @@ class Item:
     notes: list = dataclasses.field(default_factory=list)
     values: dict = dataclasses.field(default_factory=dict)
     mask_desc: str = ""
+    pie: Optional[object] = None  # its csg_jax.pie_bench.PieItem in --pie-bench mode
+    edit_mask: Optional[np.ndarray] = None  # (H, W) bool PIE-Bench mask on the edit's grid, True = edit region
+    pie_values: dict = dataclasses.field(default_factory=dict)  # PIE-Bench metrics, raw units
 
     @property
     def ok(self) -> bool:

@@ -10,7 +10,8 @@ from typing import Callable, Optional
 
 from csg_jax.errors import CSGError
 from csg_jax.evaluation.compute import compute, load_scorers
-from csg_jax.evaluation.report import write_outputs
+from csg_jax.evaluation.pie import attach, compute_pie, load_pie_scorers, summarize_pie
+from csg_jax.evaluation.report import write_outputs, write_pie_outputs
 from csg_jax.evaluation.results import Item, discover, load_item
 from csg_jax.evaluation.settings import EvalSettings
 
@@ -34,7 +35,12 @@ def load_results(settings: EvalSettings, log: Callable[[str], None]) -> tuple[li
 
 def run_evaluation(settings: EvalSettings, log: Optional[Callable[[str], None]] = None) -> dict:
     """Evaluate ``settings.results`` into ``settings.out``. Returns :func:`write_outputs`' dict plus
-    ``items``, ``skipped``, ``problems`` and ``rd``. Raises CSGError when there is nothing to evaluate."""
+    ``items``, ``skipped``, ``problems``, ``rd`` and ``pie``: None, or with ``settings.pie_bench``
+    :func:`csg_jax.evaluation.pie.summarize_pie`'s dict -- ``result["pie"]["mean"][method]`` is
+    {column: value in PIE-Bench's units, "n": items} for the columns ``result["pie"]["columns"]``
+    (structure, psnr, lpips, mse, ssim, clip_whole, clip_edited; those without weights left out),
+    ``result["pie"]["items"]`` the per-item raw values. Raises CSGError when there is nothing to
+    evaluate."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     methods = settings.methods
@@ -50,10 +56,20 @@ def run_evaluation(settings: EvalSettings, log: Optional[Callable[[str], None]] 
     mode = settings.bg_mask
     if mode != "own" and mode not in by_method and not os.path.isdir(mode):
         raise CSGError(f"--bg-mask {mode!r} is neither 'own', a method name ({', '.join(methods)}) nor a folder")
+    pie_state = attach(items, settings, problems, log) if settings.pie_bench else None  # before compute: its sources
     scorers, skipped = load_scorers(settings, log)
     rd = compute(items, scorers, settings, by_method)
-    result = write_outputs(settings.out, items, rd, methods, scorers, skipped, problems, settings)
+    pie, extra = None, {}
+    if pie_state is not None:
+        pie_scorers, pie_skipped = load_pie_scorers(scorers, settings, log)
+        compute_pie(items, pie_scorers, settings)
+        pie = summarize_pie(items, settings, pie_state, pie_skipped)
+        md = write_pie_outputs(settings.out, pie, settings, problems)
+        extra["pie"] = {k: pie[k] for k in ("columns", "mean", "by_edit_type", "skipped", "missing")}
+        log(md)
+    result = write_outputs(settings.out, items, rd, methods, scorers, skipped, problems, settings, extra)
     log(f"wrote {settings.out}: metrics.csv, summary.csv, table.md, report.json"
-        + "".join(f", {m}.png" for m in result["charts"]) + f" ({time.perf_counter() - t0:.1f} s)")
-    result.update(items=items, skipped=skipped, problems=problems, rd=rd)
+        + "".join(f", {m}.png" for m in result["charts"])
+        + (", pie_metrics.csv, pie_summary.csv, pie_table.md" if pie else "") + f" ({time.perf_counter() - t0:.1f} s)")
+    result.update(items=items, skipped=skipped, problems=problems, rd=rd, pie=pie)
     return result

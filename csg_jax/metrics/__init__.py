@@ -2,7 +2,9 @@
 
 ``vit.py`` (CLIP image/text towers, DINO ViT), ``vgg.py`` (VGG-16 / AlexNet features, perceptual
 distance, LPIPS, relational distance), ``preprocess.py`` (resizing and normalisation),
-``scores.py`` (batched jitted scorers). ``python -m csg_jax.evaluate`` runs them over result folders.
+``scores.py`` (batched jitted scorers), ``pixel.py`` (PIE-Bench's PSNR / MSE / SSIM; its LPIPS uses
+the SqueezeNet trunk of ``vgg.py``, its CLIP ``ClipSimilarity.clip_score``). ``python -m csg_jax.evaluate``
+runs them over result folders.
 """
 
 from csg_jax.metrics.vgg import relational_distance

@@ -123,8 +123,11 @@ def clip_preprocess(images: jax.Array, size: int = 224, resample: str = "antiali
     return normalize(center_crop(x, size) / 255.0, CLIP_MEAN, CLIP_STD)
 
 
-def dino_preprocess(images: jax.Array, size: int = 224, max_size: int = 480, resample: str = "antialias") -> jax.Array:
-    """Splice's DINO input: ``Resize(size, max_size)`` (bilinear, aspect kept, no crop), /255,
-    ImageNet mean/std. (B, H, W, 3) in [0, 255] -> (B, h, w, 3)."""
+def dino_preprocess(images: jax.Array, size: int = 224, max_size: int = 480, resample: str = "antialias",
+                    scale: float = 1 / 255) -> jax.Array:
+    """Splice's DINO input: ``Resize(size, max_size)`` (bilinear, aspect kept, no crop), times
+    ``scale`` (1/255: [0, 1]), ImageNet mean/std. (B, H, W, 3) in [0, 255] -> (B, h, w, 3).
+    PIE-Bench's evaluator feeds 0..255 values to the normalisation (``scale=1``) after a tensor
+    ``Resize`` without antialiasing (``resample="torch"``)."""
     x = resize(images, shortest_side_size(images.shape[1:3], size, max_size), "bilinear", resample)
-    return normalize(x / 255.0, IMAGENET_MEAN, IMAGENET_STD)
+    return normalize(x * scale, IMAGENET_MEAN, IMAGENET_STD)

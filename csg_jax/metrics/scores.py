@@ -2,10 +2,11 @@
 
 * :class:`ClipSimilarity` -- CS: cosine between CLIP's image embedding of the edit and the text
   embedding of the target prompt (plain cosine, the paper's ~0.29-0.33 scale; ``clipscore`` =
-  CLIPScore's ``2.5 * max(cos, 0)`` is also returned).
+  CLIPScore's ``2.5 * max(cos, 0)`` is also returned); ``clip_score``: PIE-Bench's
+  ``100 * max(cos, 0)``, optionally of the masked image.
 * :class:`StructureDistance` -- SD (Splice / Plug-and-Play): DINO ViT keys of the last block
   (heads concatenated) -> cosine self-similarity over all tokens incl. [CLS] -> mean squared
-  difference between source and edit matrices.
+  difference between source and edit matrices (``StructureDistance.pie_bench``: PIE-Bench's input).
 * :class:`Perceptual` -- Johnson et al.'s VGG-16 perceptual distances, pairwise over a set, for
   RD (Eq. 19, :func:`csg_jax.metrics.vgg.relational_distance`).
 * :class:`LPIPSScorer` -- LPIPS and BG-LPIPS: the spatial LPIPS map averaged over background
@@ -30,6 +31,7 @@ from csg_jax.metrics import vgg as V
 from csg_jax.metrics.vit import CLIPModel, LoadedCLIP, LoadedViT
 
 CLIPSCORE_W = 2.5
+PIE_CLIPSCORE_W = 100.0  # torchmetrics CLIPScore, as PIE-Bench reports it
 
 
 def run_batched(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int, progress=None) -> np.ndarray:
@@ -106,6 +108,16 @@ class ClipSimilarity:
         cos = np.sum(self.image_embeds(images, progress) * self.text_embeds(prompts), axis=-1)
         return {"cs": cos, "clipscore": CLIPSCORE_W * np.maximum(cos, 0.0)}
 
+    def clip_score(self, images: np.ndarray, prompts: Sequence[str], masks: Optional[np.ndarray] = None,
+                   progress=None) -> np.ndarray:
+        """PIE-Bench's CLIP similarity (torchmetrics ``CLIPScore``): (B,) ``100 * max(cos, 0)`` of
+        (B, H, W, 3) uint8 ``images``; with ``masks`` (B, H, W) bool, of ``images * masks`` (the
+        edited part on black, as PIE-Bench's ``np.uint8(img * mask)``)."""
+        if masks is not None:
+            images = images * np.asarray(masks, bool)[..., None].astype(np.uint8)
+        cos = np.sum(self.image_embeds(images, progress) * self.text_embeds(prompts), axis=-1)
+        return PIE_CLIPSCORE_W * np.maximum(cos, 0.0)
+
 
 def self_similarity(keys: jax.Array, eps: float = 1e-8) -> jax.Array:
     """Splice's ``attn_cosine_sim``: (B, T, C) -> (B, T, T) cosine similarities (norm products clamped at eps)."""
@@ -116,15 +128,16 @@ def self_similarity(keys: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 class StructureDistance:
     """SD with a DINO ViT (``facebook/dino-vitb8``): images resized (short side ``size``, long side
-    at most ``max_size``, bilinear antialias), ImageNet-normalised."""
+    at most ``max_size``, bilinear antialias), ImageNet-normalised. ``scale`` / ``resample``:
+    :func:`~csg_jax.metrics.preprocess.dino_preprocess`'s (:meth:`pie_bench` gives PIE-Bench's)."""
 
     def __init__(self, dino: LoadedViT, size: int = 224, max_size: int = 480, resample: str = "antialias",
-                 batch_size: int = 8):
+                 batch_size: int = 8, scale: float = 1 / 255):
         self.dino, self.batch_size = dino, batch_size
         model = dino.model
 
         def ssim(params, images):
-            x = pp.dino_preprocess(images.astype(jnp.float32), size, max_size, resample)
+            x = pp.dino_preprocess(images.astype(jnp.float32), size, max_size, resample, scale)
             return self_similarity(model.apply({"params": params}, x)["keys"])
 
         def sd(params, src, edit):
@@ -134,6 +147,12 @@ class StructureDistance:
 
         self._ssim = jax.jit(ssim)
         self._sd = jax.jit(sd)
+
+    @classmethod
+    def pie_bench(cls, dino: LoadedViT, size: int = 224, max_size: int = 480, batch_size: int = 8):
+        """PIE-Bench's structure distance: its evaluator normalises 0..255 values (no /255) after a
+        tensor ``Resize(224, max_size=480)``, bilinear without antialiasing (torchvision < 0.17)."""
+        return cls(dino, size, max_size, resample="torch", batch_size=batch_size, scale=1.0)
 
     def self_similarity(self, images: np.ndarray) -> np.ndarray:
         return run_batched(partial(self._ssim, self.dino.params), [images], self.batch_size)

@@ -1,17 +1,21 @@
-"""torchvision ``vgg16().features`` (and ``alexnet().features``) in Flax, perceptual distance, LPIPS.
+"""torchvision ``vgg16().features`` (and ``alexnet`` / ``squeezenet1_1``) in Flax, perceptual distance, LPIPS.
 
 One module, :class:`ConvFeatures`, runs a torchvision ``features`` ``nn.Sequential`` whose layer
 indices are the checkpoint's: ``features.0.weight`` <-> ``params["features_0"]["kernel"]``
 (conv 3x3 pad 1 / ReLU / 2x2 max-pool for VGG-16; AlexNet: 11x11 stride 4, 5x5, 3x3 convs and
-3x3 stride-2 pools). It returns the activations after the ReLUs that the metrics tap:
+3x3 stride-2 pools; SqueezeNet 1.1: a 3x3 stride-2 conv, ``Fire`` modules ``features.N.squeeze`` /
+``expand1x1`` / ``expand3x3`` and 3x3 stride-2 ``ceil_mode`` pools). It returns the activations after
+the ReLUs that the metrics tap:
 
 * relational distance (RD, Eq. 19) uses Johnson et al.'s perceptual (feature reconstruction)
   distance ``sum_l ||phi_l(x) - phi_l(y)||^2 / (C_l H_l W_l)`` over relu1_2, relu2_2, relu3_3,
   relu4_3 of VGG-16 on ImageNet-normalised [0, 1] images;
 * LPIPS (Zhang et al.; the ``lpips`` package, v0.1) uses relu1_2 .. relu5_3 (AlexNet: relu1 ..
-  relu5) on inputs in [-1, 1] shifted/scaled by its ``ScalingLayer``; per layer: unit-normalise
+  relu5; SqueezeNet: relu1 = features.1 and relu2 .. relu7 = the Fire outputs at features.4, 7, 9,
+  10, 11, 12, the lpips ``squeeze`` slices) on inputs in [-1, 1] shifted/scaled by its
+  ``ScalingLayer``; per layer: unit-normalise
   channels (``x / (||x||_2 + 1e-10)``), squared difference, a 1x1 conv to one channel
-  (``lin{k}.model.1.weight`` of the lpips ``vgg.pth`` / ``alex.pth``), then a spatial mean
+  (``lin{k}.model.1.weight`` of the lpips ``vgg.pth`` / ``alex.pth`` / ``squeeze.pth``), then a spatial mean
   (scalar LPIPS) or a bilinear upsampling to the input size (``spatial=True`` maps, used for
   BG-LPIPS); the layers are summed.
 
@@ -38,17 +42,24 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 JOHNSON_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
 LPIPS_LAYERS = {"vgg16": ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"),
-                "alexnet": ("relu1", "relu2", "relu3", "relu4", "relu5")}
+                "alexnet": ("relu1", "relu2", "relu3", "relu4", "relu5"),
+                "squeezenet1_1": ("relu1", "relu2", "relu3", "relu4", "relu5", "relu6", "relu7")}
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_DEFAULT_WIDTHS = {"vgg16": (64, 128, 256, 512, 512), "alexnet": (64, 192, 384, 256, 256)}
+# squeezenet1_1: the first conv's width, then (squeeze, expand1x1, expand3x3) of the 8 Fire modules
+_DEFAULT_WIDTHS = {"vgg16": (64, 128, 256, 512, 512), "alexnet": (64, 192, 384, 256, 256),
+                   "squeezenet1_1": (64, (16, 64, 64), (16, 64, 64), (32, 128, 128), (32, 128, 128),
+                                     (48, 192, 192), (48, 192, 192), (64, 256, 256), (64, 256, 256))}
+_FIRE_INDICES = (3, 4, 6, 7, 9, 10, 11, 12)  # torchvision squeezenet1_1.features indices of the Fire modules
+_FIRE_TAPS = {4: "relu2", 7: "relu3", 9: "relu4", 10: "relu5", 11: "relu6", 12: "relu7"}
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvNetConfig:
-    """arch: "vgg16" | "alexnet"; widths: output channels of the 5 stages (VGG) / 5 convs (AlexNet)."""
+    """arch: "vgg16" | "alexnet" | "squeezenet1_1"; widths: output channels of the 5 stages (VGG) /
+    5 convs (AlexNet) / the first conv then (squeeze, expand1x1, expand3x3) per Fire (SqueezeNet)."""
 
     arch: str = "vgg16"
     widths: tuple = (64, 128, 256, 512, 512)
@@ -56,8 +67,9 @@ class ConvNetConfig:
     def __post_init__(self):
         if self.arch not in _DEFAULT_WIDTHS:
             raise ConfigError(f"unknown conv net {self.arch!r}; expected one of {sorted(_DEFAULT_WIDTHS)}")
-        if len(self.widths) != 5:
-            raise ConfigError(f"{self.arch}: widths needs 5 entries, got {self.widths}")
+        want = len(_DEFAULT_WIDTHS[self.arch])
+        if len(self.widths) != want:
+            raise ConfigError(f"{self.arch}: widths needs {want} entries, got {self.widths}")
 
     @classmethod
     def default(cls, arch: str = "vgg16") -> "ConvNetConfig":
@@ -65,31 +77,73 @@ class ConvNetConfig:
 
     def layers(self) -> list[tuple]:
         """torchvision's ``features`` as (index, kind, args): ("conv", out, kernel, stride, pad),
-        ("relu", name), ("pool", kernel, stride)."""
+        ("relu", name), ("pool", kernel, stride, ceil_mode), ("fire", squeeze, e1x1, e3x3, tap name
+        or None) -- a Fire's output is already after its ReLUs."""
         out: list[tuple] = []
-        if self.arch == "vgg16":
+        if self.arch == "squeezenet1_1":
+            fires = iter(self.widths[1:])
+            out += [("conv", self.widths[0], 3, 2, 0), ("relu", "relu1")]
+            for i in range(2, 13):
+                out.append(("fire",) + tuple(next(fires)) + (_FIRE_TAPS.get(i),) if i in _FIRE_INDICES
+                           else ("pool", 3, 2, True))
+        elif self.arch == "vgg16":
             for stage, (n, w) in enumerate(zip((2, 2, 3, 3, 3), self.widths), start=1):
                 for j in range(1, n + 1):
                     out.append(("conv", w, 3, 1, 1))
                     out.append(("relu", f"relu{stage}_{j}"))
-                out.append(("pool", 2, 2))
+                out.append(("pool", 2, 2, False))
         else:
             w = self.widths
-            out += [("conv", w[0], 11, 4, 2), ("relu", "relu1"), ("pool", 3, 2),
-                    ("conv", w[1], 5, 1, 2), ("relu", "relu2"), ("pool", 3, 2),
+            out += [("conv", w[0], 11, 4, 2), ("relu", "relu1"), ("pool", 3, 2, False),
+                    ("conv", w[1], 5, 1, 2), ("relu", "relu2"), ("pool", 3, 2, False),
                     ("conv", w[2], 3, 1, 1), ("relu", "relu3"),
                     ("conv", w[3], 3, 1, 1), ("relu", "relu4"),
-                    ("conv", w[4], 3, 1, 1), ("relu", "relu5"), ("pool", 3, 2)]
+                    ("conv", w[4], 3, 1, 1), ("relu", "relu5"), ("pool", 3, 2, False)]
         return [(i,) + layer for i, layer in enumerate(out)]
+
+    def taps(self) -> tuple:
+        """Every tap name, in order."""
+        return tuple(l[2] if l[1] == "relu" else l[5] for l in self.layers()
+                     if l[1] == "relu" or (l[1] == "fire" and l[5]))
 
     def channels(self, tap: str) -> int:
         last = None
         for layer in self.layers():
             if layer[1] == "conv":
                 last = layer[2]
+            if layer[1] == "fire":
+                last = layer[3] + layer[4]
+                if layer[5] == tap:
+                    return last
             if layer[1] == "relu" and layer[2] == tap:
                 return last
         raise KeyError(tap)
+
+
+class _Fire(nn.Module):
+    """torchvision's SqueezeNet ``Fire``: 1x1 squeeze + ReLU, then [1x1 expand + ReLU, 3x3 expand
+    (pad 1) + ReLU] concatenated on channels."""
+
+    squeeze: int
+    e1: int
+    e3: int
+
+    @nn.compact
+    def __call__(self, x):
+        conv = lambda c, k, name: nn.Conv(c, (k, k), padding=((k // 2, k // 2),) * 2, precision=_HIGHEST, name=name)
+        x = jax.nn.relu(conv(self.squeeze, 1, "squeeze")(x))
+        return jnp.concatenate([jax.nn.relu(conv(self.e1, 1, "expand1x1")(x)),
+                                jax.nn.relu(conv(self.e3, 3, "expand3x3")(x))], axis=-1)
+
+
+def _max_pool(x, k: int, s: int, ceil: bool):
+    """torch ``MaxPool2d(k, s, ceil_mode=ceil)`` without padding: ceil mode adds a last, partial
+    window (padded with -inf) when the stride does not divide the remainder."""
+    pads = []
+    for n in x.shape[1:3]:
+        out = -(-(n - k) // s) + 1 if ceil else (n - k) // s + 1
+        pads.append((0, max((out - 1) * s + k - n, 0)))
+    return nn.max_pool(x, (k, k), strides=(s, s), padding=tuple(pads))
 
 
 class ConvFeatures(nn.Module):
@@ -104,7 +158,7 @@ class ConvFeatures(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> dict:
         want = set(self.taps)
-        missing = want - {l[2] for l in self.config.layers() if l[1] == "relu"}
+        missing = want - set(self.config.taps())
         if missing:
             raise ValueError(f"{self.config.arch} has no layers {sorted(missing)}")
         out = {}
@@ -121,9 +175,16 @@ class ConvFeatures(nn.Module):
                     out[layer[2]] = x
                     if len(out) == len(want):
                         break
+            elif kind == "fire":
+                _, _, sq, e1, e3, tap = layer
+                x = _Fire(sq, e1, e3, name=f"features_{i}")(x)
+                if tap in want:
+                    out[tap] = x
+                    if len(out) == len(want):
+                        break
             else:
-                _, _, k, s = layer
-                x = nn.max_pool(x, (k, k), strides=(s, s), padding="VALID")
+                _, _, k, s, ceil = layer
+                x = _max_pool(x, k, s, ceil)
         return out
 
 
@@ -232,6 +293,16 @@ def _trunk_state_dict(sd: dict) -> dict:
 def infer_config(sd: dict, arch: str) -> ConvNetConfig:
     """Widths from a torchvision ``features`` state dict (so tiny test networks load too)."""
     cfg = ConvNetConfig.default(arch)
+    if arch == "squeezenet1_1":
+        def width(key):
+            if key not in sd:
+                raise CheckpointError(f"not a torchvision squeezenet1_1 features state dict: missing '{key}' "
+                                      f"(found e.g. {sorted(sd)[:4]})")
+            return int(np.shape(sd[key])[0])
+
+        fires = tuple(tuple(width(f"features.{i}.{p}.weight") for p in ("squeeze", "expand1x1", "expand3x3"))
+                      for i in _FIRE_INDICES)
+        return ConvNetConfig(arch, (width("features.0.weight"),) + fires)
     convs = [l for l in cfg.layers() if l[1] == "conv"]
     outs = []
     for l in convs:
@@ -250,7 +321,7 @@ def infer_config(sd: dict, arch: str) -> ConvNetConfig:
 
 
 def trunk_template(config: ConvNetConfig) -> dict:
-    taps = tuple(l[2] for l in config.layers() if l[1] == "relu")
+    taps = config.taps()
     return jax.eval_shape(ConvFeatures(config, taps).init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
 
 
@@ -261,7 +332,7 @@ def heads_template(config: ConvNetConfig) -> dict:
 
 
 def load_trunk(path: str, arch: str = "vgg16") -> tuple[ConvNetConfig, dict]:
-    """A torchvision ``vgg16`` (or ``alexnet``) state dict file (.pth via torch, or .safetensors)."""
+    """A torchvision ``vgg16`` (``alexnet``, ``squeezenet1_1``) state dict file (.pth via torch, or .safetensors)."""
     sd = _trunk_state_dict(read_weights(path))
     if not sd:
         raise CheckpointError(f"{path}: no 'features.N.weight' tensors (expected a torchvision {arch} state dict)")
@@ -270,7 +341,8 @@ def load_trunk(path: str, arch: str = "vgg16") -> tuple[ConvNetConfig, dict]:
 
 
 def load_heads(path: str, config: ConvNetConfig) -> dict:
-    """lpips linear heads (``lin0.model.1.weight`` ...; the lpips package's ``weights/v0.1/vgg.pth``)."""
+    """lpips linear heads (``lin0.model.1.weight`` ...; the lpips package's ``weights/v0.1/vgg.pth``,
+    ``alex.pth``, ``squeeze.pth``)."""
     sd = {k: v for k, v in read_weights(path).items() if k.startswith("lin")}
     if not sd:
         raise CheckpointError(f"{path}: no 'lin0.model.1.weight' ... tensors (expected lpips {config.arch} weights)")
