@@ -15,9 +15,9 @@ from csg_jax import io
 
 def write_item_outputs(out_dir: str, result, config, *, model_info: dict, image_info: dict, timings: dict,
                        save_inversion: bool = False, save_latents: bool = False,
-                       extra_meta: Optional[dict] = None) -> dict:
+                       extra_meta: Optional[dict] = None, source_png: bool = False) -> dict:
     """Write one edit's files (edit.png, reconstruction.png, mask.png, mask_raw.png, grid.png,
-    meta.json; inversion.npy / latents.npz on request) into ``out_dir``, atomically: the folder
+    meta.json; source.png, inversion.npy / latents.npz on request) into ``out_dir``, atomically: the folder
     appears only when complete (:class:`csg_jax.io.StagedDir`). Returns {file name: final path}.
     Used by the single-image CLI and by dataset runs (csg_jax/dataset/run.py)."""
     from csg_jax.editing.costs import unet_evaluations, unet_evaluations_per_step
@@ -34,6 +34,9 @@ def write_item_outputs(out_dir: str, result, config, *, model_info: dict, image_
         io.save_png(j("grid.png"), io.grid([source, io.overlay(source, mask_img), result.reconstruction, result.edit],
                                            ["source", "mask", "reconstruction", "edit"]))
         names = ["edit.png", "reconstruction.png", "mask.png", "mask_raw.png", "grid.png"]
+        if source_png:  # a source that exists nowhere else (a generated image): evaluate reads it
+            io.save_png(j("source.png"), io.to_uint8(source))
+            names.append("source.png")
         if save_inversion:
             io.save_npy(j("inversion.npy"), result.inverted)
             names.append("inversion.npy")

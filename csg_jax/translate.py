@@ -25,6 +25,8 @@ from csg_jax.errors import run_guarded
 
 from csg_jax.model_zoo import DEMO_PROMPT, DEMO_TASK, SHAPES_MODEL, demo_image, resolve_model
 
+INVERSION_KINDS = ("standard", "official", "null-text", "direct")  # = EditConfig.inversion's choices (a test checks)
+
 
 def _settings_titles() -> dict:
     """Argument-group titles: the shared settings, then one group per method's options."""
@@ -56,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--task", help="'<source word>2<target words>', e.g. cat2dog or 'dog2dog with glasses'")
     tgt.add_argument("--target-prompt", help="the full target prompt (instead of --task)")
     src.add_argument("--source-word", help="word of the source prompt to edit (only with --target-prompt; default: first differing word)")
-    src.add_argument("--inversion", metavar="FILE.npy", help="reuse an inverted latent saved with --save-inversion")
+    src.add_argument("--inversion", metavar="KIND|FILE.npy",
+                     help=f"an inversion kind ({', '.join(INVERSION_KINDS)}; same as --inversion-variant), or an "
+                          "inverted latent saved with --save-inversion to edit again")
+    src.add_argument("--generate", metavar="PROMPT",
+                     help="edit a generated image: sample the source from x_T (drawn from --seed) on PROMPT, then "
+                          "edit it from the same x_T, no inversion (as the official edit_synthetic_images.py: CFG with the "
+                          "empty negative prompt; --posterior-guidance defaults to its 0.1)")
     src.add_argument("--size", type=int, help="short side the image is resized to (default: the model's native size)")
     src.add_argument("--manifest", metavar="FILE",
                      help="translate a dataset: JSONL or CSV with image, prompt, task|target_prompt, optional id, "
@@ -92,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _split_inversion(args) -> None:
+    """``--inversion KIND`` (a setting: ``args.inversion_kind``) apart from ``--inversion FILE.npy``
+    (a saved x_T: ``args.inversion``)."""
+    kind = args.inversion if getattr(args, "inversion", None) in INVERSION_KINDS else None
+    args.inversion_kind = kind
+    if kind:
+        args.inversion = None
+
+
 def edit_config_from_args(args):
     """The EditConfig of parsed flags: ``--config`` YAML (else the method's own defaults), then
     every setting flag given."""
@@ -101,6 +118,8 @@ def edit_config_from_args(args):
     given = schema.given_arguments(args)
     if getattr(args, "null_text", False):
         given["inversion"] = "null-text"
+    if getattr(args, "inversion_kind", None):
+        given["inversion"] = args.inversion_kind
     config = EditConfig.from_yaml(args.config) if args.config else EditConfig.for_method(given.get("method", "csg"))
     return config.replace(**given)
 
@@ -124,6 +143,8 @@ def run(args) -> str:
     from csg_jax.errors import ImageError, PromptError
     from csg_jax.outputs import write_item_outputs
 
+    if args.generate:
+        return _run_generate(args)
     if args.demo:
         args.prompt = args.prompt or DEMO_PROMPT
         if not args.task and not args.target_prompt:
@@ -179,6 +200,31 @@ def run(args) -> str:
     return out
 
 
+def _run_generate(args) -> str:
+    from csg_jax.editing.generate import edit_generated, generation_config
+    from csg_jax.errors import CSGError, PromptError
+    from csg_jax.outputs import write_item_outputs
+
+    if args.image or args.demo or args.inversion or args.prompt:
+        raise CSGError("--generate PROMPT replaces --image, --demo, --inversion FILE and --prompt")
+    if not args.task and not args.target_prompt:
+        raise PromptError("give --task (e.g. cat2dog) or --target-prompt for the generated image")
+    from csg_jax.editing import schema
+
+    config = generation_config(edit_config_from_args(args), tuple(schema.given_arguments(args)))
+    pipe, model_info, load_s = _load_pipeline(args, config)
+    result = edit_generated(pipe, args.generate, args.task, args.target_prompt, config, seed=config.seed,
+                            size=args.size, source_word=args.source_word)
+    for w in result.plan.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    paths = write_item_outputs(
+        args.out, result, config, model_info=model_info,
+        image_info={"generated": {"prompt": args.generate, "seed": config.seed}, "size": list(result.edit.shape[:2])},
+        timings={"load": load_s, **result.timings}, save_inversion=args.save_inversion,
+        save_latents=args.save_latents, source_png=True)
+    return os.path.dirname(paths["meta.json"])
+
+
 def run_dataset(args) -> int:
     """``--manifest ... | --input-dir ...`` (:mod:`csg_jax.dataset`): exit 0 all ok, 3 some failed."""
     from csg_jax.dataset import DatasetRun, format_summary, maybe_initialize_distributed, read_manifest, scan_folder
@@ -187,8 +233,8 @@ def run_dataset(args) -> int:
     distributed = maybe_initialize_distributed(args.distributed)
     import jax
 
-    if args.image or args.demo or args.inversion:
-        raise CSGError("--manifest / --input-dir replace --image, --demo and --inversion")
+    if args.image or args.demo or args.generate or args.inversion:
+        raise CSGError("--manifest / --input-dir replace --image, --demo, --generate and --inversion FILE")
     if args.manifest and args.input_dir:
         raise CSGError("give --manifest or --input-dir, not both")
     config = edit_config_from_args(args)
@@ -212,6 +258,7 @@ def run_dataset(args) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _split_inversion(args)
     runtime.configure_from_args(args)
     if args.manifest or args.input_dir:  # dataset mode: exit 0 all ok, 3 some items failed, 2 fatal
         return run_guarded(lambda: run_dataset(args), "finished items are in results.jsonl, rerun to resume")

@@ -39,7 +39,7 @@ class _Shared:
                                 choices=("source", "empty"), flag="--negative", aliases=("negative",))
     mask_res: Optional[int] = knob(None, "static", "cross-attention resolution of the mask (default latent size / 4, "
                                    "16 for 64x64 latents, as official)", type=int, check=positive)
-    seed: int = knob(0, "host", "seed (VAE sampling with --encode sample; noise regularisation rolls)")
+    seed: int = knob(0, "host", "seed (x_T of --generate; VAE sampling with --encode sample; noise regularisation rolls)")
     inversion: str = knob("standard", "static", "DDIM inversion: standard, the authors' N-2 step variant "
                           "(reproduces the paper), null-text (standard + per-step optimised negative embeddings) or "
                           "direct (standard; the source branch follows its trajectory exactly: Direct Inversion, "

@@ -303,11 +303,13 @@ def to_unit_range(images) -> np.ndarray:
 
 def translate_image(pipe, image=None, prompt: str = "", task: Optional[str] = None, target_prompt: Optional[str] = None,
                     config: EditConfig = EditConfig(), inverted: Optional[np.ndarray] = None,
-                    source_word: Optional[str] = None, null_embeddings: Optional[np.ndarray] = None) -> EditResult:
+                    source_word: Optional[str] = None, null_embeddings: Optional[np.ndarray] = None,
+                    uncond_fn: Optional[Callable] = None) -> EditResult:
     """Edit one image (or an already inverted latent x_T) from ``prompt`` toward ``task``/``target_prompt``.
 
     With ``config.inversion == "null-text"``, an already inverted latent needs the
-    ``null_embeddings`` (N, 77, D) saved with it.
+    ``null_embeddings`` (N, 77, D) saved with it. ``uncond_fn(prompts) -> (N, 1, 77, D)``: per-step
+    negative contexts for an x_T edit (:mod:`csg_jax.editing.generate`).
     """
     plan = plan_prompts(pipe, prompt, task, target_prompt, source_word, config.negative_prompt)
     x, x_T, uncond = None, None, None
@@ -332,6 +334,8 @@ def translate_image(pipe, image=None, prompt: str = "", task: Optional[str] = No
         uncond = jnp.asarray(np.asarray(null_embeddings, np.float32).reshape(-1, 1, *prompts.source.shape[1:]))
         if uncond.shape[0] != config.num_steps:
             raise ImageError(f"the null embeddings hold {uncond.shape[0]} steps, the edit has {config.num_steps}")
+    if inverted is not None and uncond_fn is not None:
+        uncond = uncond_fn(prompts)
     stage_s: dict = {}
     out = editor.run(None if x is None else jnp.asarray(x), prompts, config, x_T, uncond, stage_s)
     timings = {"invert_s": sum(stage_s.get(k, 0.0) for k in ("encode_s", "invert_s", "null_text_s", "invert_direct_s")),

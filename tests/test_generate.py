@@ -1,0 +1,58 @@
+"""``translate --generate``: edit a generated image (the official ``edit_synthetic_images.py``).
+
+Expected values come from independent paths: x_T is a seeded Gaussian (drawn here with
+``jax.random``), and the generated source of CSG's guided source pass must equal the source
+branch of Prompt-to-Prompt's batched loop, a different implementation of the same CFG sampler.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from csg_jax.translate import INVERSION_KINDS, main
+
+
+def _gen(tmp_path, name, *extra):
+    out = tmp_path / name
+    rc = main(["--generate", "a red circle on a blue background", "--seed", "7", "--task", "red2green",
+               "--steps", "3", "--guidance-scale", "5", "--out", str(out), "--quiet", "--save-inversion", *extra])
+    assert rc == 0
+    return out
+
+
+def test_generate_samples_from_the_seed_and_edits_from_the_same_x_T(tmp_path):
+    a = _gen(tmp_path, "ddim", "--method", "ddim")
+    b = _gen(tmp_path, "p2p", "--method", "p2p")
+    x_T = np.load(a / "inversion.npy")
+    want = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (1, *x_T.shape)))[0]
+    np.testing.assert_array_equal(x_T, want)
+    np.testing.assert_array_equal(np.load(b / "inversion.npy"), want)
+    src_a = np.asarray(Image.open(a / "source.png"), np.int16)
+    src_b = np.asarray(Image.open(b / "source.png"), np.int16)
+    assert np.abs(src_a - src_b).max() <= 1  # same guided sampler, two implementations (uint8 rounding)
+    assert np.array_equal(src_a, np.asarray(Image.open(a / "reconstruction.png"), np.int16))
+    assert np.abs(np.asarray(Image.open(a / "edit.png"), np.int16) - src_a).mean() > 1  # the edit moved
+    meta = json.loads((a / "meta.json").read_text())
+    assert meta["image"]["generated"] == {"prompt": "a red circle on a blue background", "seed": 7}
+    assert meta["settings"]["negative_prompt"] == "empty"  # the official script's negative prompt
+
+
+def test_generate_refuses_an_inversion_and_an_image(tmp_path, capsys):
+    rc = main(["--generate", "a red circle", "--task", "red2green", "--inversion", "direct",
+               "--out", str(tmp_path / "x"), "--quiet"])
+    assert rc == 2 and "no inversion" in capsys.readouterr().err
+    rc = main(["--generate", "a red circle", "--task", "red2green", "--image", "a.png", "--out", str(tmp_path / "y")])
+    assert rc == 2 and "replaces --image" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+def test_inversion_kinds_are_the_settings_choices():
+    from csg_jax.editing.config import EditConfig
+    import dataclasses
+
+    field = {f.name: f for f in dataclasses.fields(EditConfig)}["inversion"]
+    assert tuple(field.metadata["choices"]) == INVERSION_KINDS
