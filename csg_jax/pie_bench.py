@@ -92,6 +92,14 @@ def parse_item(key: str, rec) -> PieItem:
 def read_mapping(path: str) -> tuple[list[PieItem], list[tuple[str, str]]]:
     """(items in file order, [(key, reason), ...] for malformed entries). CSGError if the file is
     not a JSON object."""
+    entries = read_entries(path)
+    items = [e for _, e in entries if isinstance(e, PieItem)]
+    return items, [(key, e) for key, e in entries if not isinstance(e, PieItem)]
+
+
+def read_entries(path: str) -> list[tuple[str, "PieItem | str"]]:
+    """[(key, PieItem, or the reason it is malformed), ...] in file order (:func:`read_mapping`
+    split in two). CSGError if the file is not a JSON object."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -101,13 +109,13 @@ def read_mapping(path: str) -> tuple[list[PieItem], list[tuple[str, str]]]:
         raise CSGError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(data, dict):
         raise CSGError(f"{path}: a PIE-Bench mapping file is one JSON object keyed by image id")
-    items, bad = [], []
+    out = []
     for key, rec in data.items():
         try:
-            items.append(parse_item(key, rec))
+            out.append((str(key), parse_item(key, rec)))
         except CSGError as e:
-            bad.append((str(key), str(e)))
-    return items, bad
+            out.append((str(key), str(e)))
+    return out
 
 
 def is_mapping_file(path: str) -> bool:
