@@ -153,10 +153,16 @@ def encode_mask(mask: np.ndarray) -> list[int]:
     return [int(v) for pair in zip(starts, ends - starts) for v in pair]
 
 
-def write_mapping(path: str, items: Sequence[PieItem], bracketed: Optional[dict] = None) -> None:
+FIELDS = ("image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id",
+          "blended_word", "mask")  # an entry's PIE-Bench fields
+
+
+def write_mapping(path: str, items: Sequence[PieItem], bracketed: Optional[dict] = None,
+                  extra: Optional[dict] = None) -> None:
     """Write ``items`` as a mapping file (atomically). ``bracketed``: {id: (original_prompt,
     editing_prompt)} with brackets; default: each item's prompts with its words bracketed where
-    they first occur."""
+    they first occur. ``extra``: {id: {field: JSON value}} written into the entry after PIE-Bench's
+    own fields (readers of the format ignore them); a name of :data:`FIELDS` is a CSGError."""
     from csg_jax.io import atomic_write
 
     out = {}
@@ -166,6 +172,11 @@ def write_mapping(path: str, items: Sequence[PieItem], bracketed: Optional[dict]
         out[it.id] = {"image_path": it.image_path, "original_prompt": src, "editing_prompt": tgt,
                       "editing_instruction": it.editing_instruction, "editing_type_id": it.editing_type_id,
                       "blended_word": " ".join(it.blended_word), "mask": list(it.mask)}
+        more = (extra or {}).get(it.id, {})
+        clash = sorted(set(more) & set(FIELDS))
+        if clash:
+            raise CSGError(f"item {it.id!r}: extra fields {clash} would replace PIE-Bench's own fields")
+        out[it.id].update(more)
     data = (json.dumps(out) + "\n").encode("utf-8")
     atomic_write(path, lambda f: f.write(data))
 
