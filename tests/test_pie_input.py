@@ -2,7 +2,8 @@
 
 One small mapping file covers a replacement, an addition, a deletion (with and without a usable
 blended word), a multi-word bracket group and two malformed entries. The end-to-end run uses the
-tiny model with 3 DDIM steps (the fewest allowed) at 32x32 (one compiled program for every item; plain DDIM, the cheapest to compile).
+tiny model with 3 DDIM steps (the fewest allowed) at 32x32: one compiled program for every item,
+plain DDIM (the cheapest to compile).
 """
 
 import json
@@ -124,7 +125,8 @@ def test_bracketed_words_give_the_spans(tiny_sd1, tmp_path):
     assert first.target_span == span(first.target_prompt, "red")
     split = plan_prompts(tiny_sd1, "a red cat on a blue mat", target_prompt="a green cat on a pink mat",
                          source_word="red blue", target_words="green pink")
-    assert split.source_span == span(split.source_prompt, "red") and split.target_span == span(split.target_prompt, "green")
+    assert split.source_span == span(split.source_prompt, "red")
+    assert split.target_span == span(split.target_prompt, "green")
     assert sum("do not occur together" in w for w in split.warnings) == 2
 
     # without target_words nothing changes: the span sits at the source position, no warnings
@@ -141,8 +143,8 @@ def test_translate_runs_a_mapping_file_and_records_edit_types(tmp_path, tiny_sd1
     images = root / "annotation_images"
     os.rename(images, tmp_path / "imgs")  # --images names the folder explicitly
     out = tmp_path / "out"
-    rc = main(["--manifest", path, "--images", str(tmp_path / "imgs"), "--model", tiny_sd1_dir, "--method", "ddim", "--steps", "3",
-               "--size", "32", "--out", str(out), "--quiet"])
+    rc = main(["--manifest", path, "--images", str(tmp_path / "imgs"), "--model", tiny_sd1_dir, "--method", "ddim",
+               "--steps", "3", "--size", "32", "--out", str(out), "--quiet"])
     assert rc == 3  # as for any manifest with failed items
     rows = {r["id"]: r for r in read_results(str(out))}
     assert set(rows) == set(ENTRIES)
@@ -152,7 +154,8 @@ def test_translate_runs_a_mapping_file_and_records_edit_types(tmp_path, tiny_sd1
         meta = json.load(open(os.path.join(str(out), key, "meta.json")))
         assert meta["dataset"]["editing_type_id"] == ENTRIES[key]["editing_type_id"]
         assert meta["dataset"]["blended_word"] == ENTRIES[key]["blended_word"]
-    assert rows["add"]["warnings"] and json.load(open(out / "add" / "meta.json"))["prompts"]["target_words"] == "with a hat"
+    assert rows["add"]["warnings"]
+    assert json.load(open(out / "add" / "meta.json"))["prompts"]["target_words"] == "with a hat"
     assert rows["no_target"]["status"] == "error" and "no 'editing_prompt' text" in rows["no_target"]["error"]
     assert rows["bad_type"]["status"] == "error" and "editing_type_id" in rows["bad_type"]["error"]
     assert main(["--images", str(tmp_path / "imgs"), "--input-dir", str(tmp_path / "imgs"), "--prompt", "a cat",

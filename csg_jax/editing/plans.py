@@ -164,27 +164,29 @@ def _explicit_words(source_prompt: str, target_prompt: str, source_word: Optiona
     warnings = []
     hints = tuple(hints) + ("", "")
     given = " ".join((source_word or "").split())
+    none = f"no source words {'found' if given else 'marked'}"
     found = _leading_phrase(source_prompt, given) if given else None
     if found is not None:
-        if found.group(0).split() != given.split():
+        if found.group(0).lower().split() != given.lower().split():
             warnings.append(f"the source words {given!r} do not occur together; editing {found.group(0)!r}.")
         source = found.group(0)
     elif hints[0] and P.find_word(source_prompt, hints[0]) is not None:
         source = P.find_word(source_prompt, hints[0]).group(0)
-        warnings.append(f"no source words {'found' if given else 'marked'}; editing {source!r} (the blended word).")
+        warnings.append(f"{none}; editing {source!r} (the blended word).")
     else:
         source = _diff_words(source_prompt, target_prompt, None)[0]
-        warnings.append(f"no source words {'found' if given else 'marked'}; editing the first differing word {source!r}.")
+        warnings.append(f"{none}; editing the first differing word {source!r}.")
     wanted = " ".join(target_words.split())
+    none = f"no target words {'found' if wanted else 'marked'}"
     found = _leading_phrase(target_prompt, wanted) if wanted else None
-    if found is not None and found.group(0).split() != wanted.split():
+    if found is not None and found.group(0).lower().split() != wanted.lower().split():
         warnings.append(f"the target words {wanted!r} do not occur together; using {found.group(0)!r}.")
     if found is None and hints[1]:
         found = P.find_word(target_prompt, hints[1])
         if found is not None:
-            warnings.append(f"no target words {'found' if wanted else 'marked'}; using {found.group(0)!r} (the blended word).")
+            warnings.append(f"{none}; using {found.group(0)!r} (the blended word).")
     if found is None:
-        warnings.append(f"no target words {'found' if wanted else 'marked'}; the target span sits at the source word's position.")
+        warnings.append(f"{none}; the target span sits at the source word's position.")
         return source, "", None, warnings
     return source, found.group(0), found, warnings
 

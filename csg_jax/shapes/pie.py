@@ -76,8 +76,8 @@ def shapes_field(task: Task, scene: world.Scene, size: int, seed: int, index: in
          "mask_dilation": 2}                  # pixels the mask grows the source mask (edit_mask)
     """
     return {"task": task.name, "attribute": task.attribute, "source": task.source, "target": task.target,
-            "kept": task.kept_attribute, "scene": _scene_dict(scene), "target_scene": _scene_dict(target_scene(scene, task)),
-            "size": size, "split": "heldout", "seed": seed, "index": index, "mask_dilation": dilation}
+            "kept": task.kept_attribute, "scene": _scene_dict(scene),
+            "target_scene": _scene_dict(target_scene(scene, task)), "size": size, "split": "heldout", "seed": seed, "index": index, "mask_dilation": dilation}
 
 
 def _scene_dict(scene: world.Scene) -> dict:
