@@ -92,6 +92,14 @@ def parse_item(key: str, rec) -> PieItem:
 def read_mapping(path: str) -> tuple[list[PieItem], list[tuple[str, str]]]:
     """(items in file order, [(key, reason), ...] for malformed entries). CSGError if the file is
     not a JSON object."""
+    entries = read_entries(path)
+    items = [e for _, e in entries if isinstance(e, PieItem)]
+    return items, [(key, e) for key, e in entries if not isinstance(e, PieItem)]
+
+
+def read_entries(path: str) -> list[tuple[str, "PieItem | str"]]:
+    """[(key, PieItem, or the reason it is malformed), ...] in file order (:func:`read_mapping`
+    split in two). CSGError if the file is not a JSON object."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -101,13 +109,13 @@ def read_mapping(path: str) -> tuple[list[PieItem], list[tuple[str, str]]]:
         raise CSGError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(data, dict):
         raise CSGError(f"{path}: a PIE-Bench mapping file is one JSON object keyed by image id")
-    items, bad = [], []
+    out = []
     for key, rec in data.items():
         try:
-            items.append(parse_item(key, rec))
+            out.append((str(key), parse_item(key, rec)))
         except CSGError as e:
-            bad.append((str(key), str(e)))
-    return items, bad
+            out.append((str(key), str(e)))
+    return out
 
 
 def is_mapping_file(path: str) -> bool:
@@ -145,10 +153,16 @@ def encode_mask(mask: np.ndarray) -> list[int]:
     return [int(v) for pair in zip(starts, ends - starts) for v in pair]
 
 
-def write_mapping(path: str, items: Sequence[PieItem], bracketed: Optional[dict] = None) -> None:
+FIELDS = ("image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id",
+          "blended_word", "mask")  # an entry's PIE-Bench fields
+
+
+def write_mapping(path: str, items: Sequence[PieItem], bracketed: Optional[dict] = None,
+                  extra: Optional[dict] = None) -> None:
     """Write ``items`` as a mapping file (atomically). ``bracketed``: {id: (original_prompt,
     editing_prompt)} with brackets; default: each item's prompts with its words bracketed where
-    they first occur."""
+    they first occur. ``extra``: {id: {field: JSON value}} written into the entry after PIE-Bench's
+    own fields (readers of the format ignore them); a name of :data:`FIELDS` is a CSGError."""
     from csg_jax.io import atomic_write
 
     out = {}
@@ -158,6 +172,11 @@ def write_mapping(path: str, items: Sequence[PieItem], bracketed: Optional[dict]
         out[it.id] = {"image_path": it.image_path, "original_prompt": src, "editing_prompt": tgt,
                       "editing_instruction": it.editing_instruction, "editing_type_id": it.editing_type_id,
                       "blended_word": " ".join(it.blended_word), "mask": list(it.mask)}
+        more = (extra or {}).get(it.id, {})
+        clash = sorted(set(more) & set(FIELDS))
+        if clash:
+            raise CSGError(f"item {it.id!r}: extra fields {clash} would replace PIE-Bench's own fields")
+        out[it.id].update(more)
     data = (json.dumps(out) + "\n").encode("utf-8")
     atomic_write(path, lambda f: f.write(data))
 

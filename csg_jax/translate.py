@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--size", type=int, help="short side the image is resized to (default: the model's native size)")
     src.add_argument("--manifest", metavar="FILE",
                      help="translate a dataset: JSONL or CSV with image, prompt, task|target_prompt, optional id, "
-                          "seed and per-item settings (see csg_jax/dataset/); outputs go to OUT/<id>/")
+                          "seed and per-item settings (see csg_jax/dataset/), or PIE-Bench's mapping_file.json; "
+                          "outputs go to OUT/<id>/")
+    src.add_argument("--images", metavar="DIR",
+                     help="with --manifest mapping_file.json (PIE-Bench): the folder its image_path entries are "
+                          "relative to (default: annotation_images/ next to the mapping file, else its folder)")
     src.add_argument("--input-dir", metavar="DIR",
                      help="translate every image file in DIR with --prompt and --task/--target-prompt (ids: file stems)")
 
@@ -155,6 +159,8 @@ def run(args) -> str:
         raise PromptError("give --task (e.g. cat2dog) or --target-prompt")
     if not args.image and not args.demo and not args.inversion:
         raise ImageError("give --image PATH (or --demo, or --inversion FILE.npy)")
+    if args.images:
+        raise ImageError("--images goes with --manifest mapping_file.json (PIE-Bench)")
     config = edit_config_from_args(args)
 
     phases = tqdm(total=4, disable=args.quiet, desc="load model", bar_format="{desc:<22}{bar}| {n}/{total} [{elapsed}]")
@@ -241,8 +247,10 @@ def run_dataset(args) -> int:
     if args.manifest:
         if args.prompt or args.task or args.target_prompt:
             raise CSGError("with --manifest the prompts come from the manifest; drop --prompt/--task/--target-prompt")
-        items = read_manifest(args.manifest)
+        items = read_manifest(args.manifest, images=args.images)
     else:
+        if args.images:
+            raise CSGError("--images goes with --manifest mapping_file.json (PIE-Bench)")
         items = scan_folder(args.input_dir, args.prompt, args.task, args.target_prompt, args.source_word)
     pipe, model_info, load_s = _load_pipeline(args, config)
     run = DatasetRun(pipe, items, config, args.out, batch_size=args.batch_size, size=args.size,

@@ -8,7 +8,10 @@ CSV (a header row). Fields: ``image`` (relative to the manifest's folder), ``pro
 ``target_prompt``, optional ``source_word``, ``id`` (default: the line number; the file stem for
 ``--input-dir``) and per-item overrides of any :class:`~csg_jax.editing.config.EditConfig` field
 but ``dtype`` (``method``, ``num_steps``/``steps``, ``guidance_scale``, ``posterior_guidance``,
-``delta``, ``seed``, ``encode``, ...). Ids name output folders and must be unique.
+``delta``, ``seed``, ``encode``, ...). Ids name output folders and must be unique. A PIE-Bench
+``mapping_file.json`` (:func:`~csg_jax.dataset.manifest.read_pie_mapping`, ``--images`` its image
+folder) gives one item per entry: its bracketed words locate the edit's token spans, and its
+``editing_type_id`` / ``editing_instruction`` / ``blended_word`` go into results.jsonl and meta.json.
 
 **Batches.** Items are grouped into buckets keyed by (static config, VAE sampling on/off, image
 size) -- everything that shapes the compiled program -- and cut into global batches of
@@ -43,12 +46,12 @@ outputs (staging folders are removed on the next start).
 
 from csg_jax.dataset.batching import Batch, Bucket, batch_constants, plan_batches, plan_digest
 from csg_jax.dataset.manifest import (ITEM_FIELDS, Item, check_ids, item_config, read_manifest,
-                                      scan_folder)
+                                      read_pie_mapping, scan_folder)
 from csg_jax.dataset.results import RESULTS, ResultsLog, clean_staging, done_ids, read_results
 from csg_jax.dataset.run import SPAN_WIDTH, DatasetRun, format_summary
 from csg_jax.dataset.sharded import batch_fn, local_rows, make_mesh, maybe_initialize_distributed
 
 __all__ = ["Batch", "Bucket", "batch_constants", "plan_batches", "plan_digest", "ITEM_FIELDS", "Item", "check_ids",
-           "item_config", "read_manifest", "scan_folder", "RESULTS", "ResultsLog", "clean_staging", "done_ids",
-           "read_results", "SPAN_WIDTH", "DatasetRun", "format_summary", "batch_fn", "local_rows", "make_mesh",
+           "item_config", "read_manifest", "read_pie_mapping", "scan_folder", "RESULTS", "ResultsLog", "clean_staging",
+           "done_ids", "read_results", "SPAN_WIDTH", "DatasetRun", "format_summary", "batch_fn", "local_rows", "make_mesh",
            "maybe_initialize_distributed"]

@@ -1,4 +1,5 @@
-"""Dataset items: JSONL / CSV manifests and image folders -> :class:`Item`; an item's EditConfig.
+"""Dataset items: JSONL / CSV manifests, PIE-Bench mapping files and image folders -> :class:`Item`;
+an item's EditConfig.
 
 Malformed lines, unsafe or repeated ids become items with an ``error`` (recorded, never fatal).
 """
@@ -35,6 +36,11 @@ class Item:
     source_word: Optional[str] = None
     overrides: tuple = ()  # ((EditConfig field, value), ...) sorted
     error: Optional[str] = None  # set when the item cannot be processed at all
+    # The edited words of the target prompt when the manifest marks them (PIE-Bench's brackets; ""
+    # = none, a deletion); None: found by comparing the prompts. See plans.plan_prompts.
+    target_words: Optional[str] = None
+    word_hints: tuple = ()  # (source word, target word) to fall back on (PIE-Bench's blended_word)
+    extra: tuple = ()  # ((key, value), ...): metadata copied into results.jsonl and meta.json
 
     def with_error(self, message: str) -> "Item":
         return dataclasses.replace(self, error=message)
@@ -87,8 +93,17 @@ def _item_from_record(index: int, line: int, rec: Any, base_dir: str, where: str
     return item
 
 
-def read_manifest(path: str) -> list[Item]:
-    """Items of a JSONL or CSV manifest; malformed lines become items with an ``error``."""
+def read_manifest(path: str, images: Optional[str] = None) -> list[Item]:
+    """Items of a JSONL or CSV manifest, or of a PIE-Bench ``mapping_file.json`` (``images``: its
+    image folder, see :func:`read_pie_mapping`); malformed lines / entries become items with an
+    ``error``."""
+    from csg_jax import pie_bench
+
+    if pie_bench.is_mapping_file(path):
+        return read_pie_mapping(path, images)
+    if images is not None:
+        raise CSGError(f"--images is for PIE-Bench mapping files; {path} is not one (image paths in a "
+                       "JSONL / CSV manifest are relative to its folder)")
     try:
         with open(path, newline="", encoding="utf-8") as f:
             text = f.read()
@@ -137,6 +152,33 @@ def read_manifest(path: str) -> list[Item]:
             items.append(_item_from_record(len(items), start, dict(zip(header, row)), base, where))
         if header is None:
             raise CSGError(f"the CSV manifest {path} has no header row (image,prompt,task,...)")
+    return check_ids(items)
+
+
+def read_pie_mapping(path: str, images: Optional[str] = None) -> list[Item]:
+    """One item per entry of a PIE-Bench mapping file (:mod:`csg_jax.pie_bench`), in file order: id =
+    key, image = ``images`` / image_path (default: ``<mapping folder>/annotation_images`` if it
+    exists, else the mapping file's folder), prompt / target_prompt without brackets, the bracketed
+    words as source_word / target_words, blended_word as word hints, PIE's labels in ``extra``."""
+    from csg_jax import pie_bench
+
+    base = os.path.dirname(os.path.abspath(path))
+    if images is None:
+        images = os.path.join(base, "annotation_images")
+        images = images if os.path.isdir(images) else base
+    elif not os.path.isdir(images):
+        raise CSGError(f"--images {images} is not a folder (it holds PIE-Bench's annotation_images)")
+    name = os.path.basename(path)
+    items = []
+    for index, (key, entry) in enumerate(pie_bench.read_entries(path)):
+        if isinstance(entry, str):
+            items.append(Item(index, 0, key, error=f"{name} entry {key!r}: {entry}"))
+            continue
+        extra = (("editing_type_id", entry.editing_type_id), ("editing_instruction", entry.editing_instruction),
+                 ("blended_word", " ".join(entry.blended_word)))
+        items.append(Item(index, 0, key, os.path.join(images, entry.image_path), entry.source_prompt,
+                          target_prompt=entry.target_prompt, source_word=entry.source_words or None,
+                          target_words=entry.target_words, word_hints=entry.blended_word, extra=extra))
     return check_ids(items)
 
 

@@ -136,7 +136,7 @@ class DatasetRun:
         image, notices = io.load_image(item.image, self.size, self.multiple)
         x = to_model_range(image)
         plan = plan_prompts(self.pipe, item.prompt, item.task, item.target_prompt, item.source_word,
-                            config.negative_prompt)
+                            config.negative_prompt, target_words=item.target_words, word_hints=item.word_hints)
         prompts = _pad_columns(prepare_prompts(self.pipe, [plan], config), SPAN_WIDTH)
         key = np.asarray(jax.random.PRNGKey(config.seed), np.uint32)
         return Prepared(item, config, x, to_unit_range(x), notices, plan, prompts, key, time.perf_counter() - t0)
@@ -217,22 +217,23 @@ class DatasetRun:
                                 "size": list(batch.bucket.hw)},
                     timings={"load_model": self.load_s, **timings}, save_inversion=self.save_inversion,
                     save_latents=self.save_latents,
-                    extra_meta={"dataset": {"id": p.item.id, "line": p.item.line, "index": p.item.index,
-                                            "batch": batch.number, "bucket": batch.bucket.label(),
-                                            "global_batch": self.global_batch, "devices": self.mesh.size}})
+                    extra_meta={"dataset": _with_extra({"id": p.item.id, "line": p.item.line, "index": p.item.index,
+                                                        "batch": batch.number, "bucket": batch.bucket.label(),
+                                                        "global_batch": self.global_batch, "devices": self.mesh.size},
+                                                       p.item)})
             except Exception as e:
                 self._record_error(results, p.item, f"cannot write outputs: {type(e).__name__}: {e}")
                 continue
             timings["write"] = time.perf_counter() - t0
-            results.append({"id": p.item.id, "status": "ok", "line": p.item.line, "image": p.item.image, "batch": batch.number,
-                            "bucket": batch.bucket.label(), "process": self.pidx, "timings_s": timings,
-                            "out": os.path.join(self.out, p.item.id), "paths": paths,
-                            "warnings": list(p.plan.warnings), "error": None})
+            results.append(_with_extra({"id": p.item.id, "status": "ok", "line": p.item.line, "image": p.item.image,
+                                        "batch": batch.number, "bucket": batch.bucket.label(), "process": self.pidx,
+                                        "timings_s": timings, "out": os.path.join(self.out, p.item.id), "paths": paths,
+                                        "warnings": list(p.plan.warnings), "error": None}, p.item))
             self.counts["ok"] += 1
 
     def _record_error(self, results: ResultsLog, item: Item, message: str):
-        results.append({"id": item.id, "status": "error", "line": item.line, "process": self.pidx,
-                        "image": item.image, "timings_s": {}, "paths": {}, "error": message})
+        results.append(_with_extra({"id": item.id, "status": "error", "line": item.line, "process": self.pidx,
+                                    "image": item.image, "timings_s": {}, "paths": {}, "error": message}, item))
         self.counts["failed"] += 1
         if not self.quiet:
             self.log(f"error: item {item.id}: {message}")
@@ -323,6 +324,12 @@ class DatasetRun:
         batch_times.append((len(batch.items), time.perf_counter()))
         bar.update(len(batch.items))
         bar.set_postfix(ok=self.counts["ok"], failed=self.counts["failed"], refresh=False)
+
+
+def _with_extra(record: dict, item: Item) -> dict:
+    """``record`` with the item's metadata (PIE-Bench's editing_type_id, ...) added; the run's own
+    keys win, so a metadata name cannot hide a status or an error."""
+    return {**{k: v for k, v in item.extra if k not in record}, **record}
 
 
 class _Stub:

@@ -61,10 +61,20 @@ def _word_states_fn(pipe):
 
 
 def plan_prompts(pipe, source_prompt: str, task: Optional[str] = None, target_prompt: Optional[str] = None,
-                 source_word: Optional[str] = None, negative: str = "source") -> PromptPlan:
-    """Build the target prompt (from a task) and locate the source word's and target words' tokens."""
+                 source_word: Optional[str] = None, negative: str = "source", *, target_words: Optional[str] = None,
+                 word_hints: Sequence[str] = ()) -> PromptPlan:
+    """Build the target prompt (from a task) and locate the source word's and target words' tokens.
+
+    ``target_words`` (with ``target_prompt``; may be ""): the edited words of the target prompt are
+    given (PIE-Bench's brackets), so the target span is where they occur in the target prompt, not
+    at the source word's position (an addition puts its words elsewhere), and ``source_word`` may be
+    empty. ``word_hints``: (source word, target word) to try when either is empty (PIE-Bench's
+    ``blended_word``); see :func:`_explicit_words`. Without ``target_words`` the words come from the
+    first difference of the prompts, as before.
+    """
     tok = pipe.tokenizer
     warnings = []
+    target_match = None  # where the target words are, when they are given explicitly
     source_prompt, warn = P.check_length(tok, " ".join(source_prompt.split()), pipe.max_length)
     if warn:
         warnings.append(warn)
@@ -83,14 +93,23 @@ def plan_prompts(pipe, source_prompt: str, task: Optional[str] = None, target_pr
         target_prompt, warn = P.check_length(tok, " ".join(target_prompt.split()), pipe.max_length)
         if warn:
             warnings.append(warn)
-        source_word, target_text = _diff_words(source_prompt, target_prompt, source_word)
+        if target_words is None:
+            source_word, target_text = _diff_words(source_prompt, target_prompt, source_word)
+        else:
+            source_word, target_text, target_match, notes = _explicit_words(
+                source_prompt, target_prompt, source_word, target_words, word_hints)
+            warnings.extend(notes)
     match = P.find_word(source_prompt, source_word)
     if match is None:
         raise PromptError(f"The word {source_word!r} does not appear in the source prompt {source_prompt!r}.")
     prefix = source_prompt[: match.start()]
     start = 1 + _token_count(tok, prefix)
     source_span = (start, start + _token_count(tok, match.group(0)))
-    target_span = (start, start + max(1, _token_count(tok, target_text)))
+    if target_match is None:
+        target_span = (start, start + max(1, _token_count(tok, target_text)))
+    else:
+        t_start = 1 + _token_count(tok, target_prompt[: target_match.start()])
+        target_span = (t_start, t_start + _token_count(tok, target_match.group(0)))
     limit = pipe.max_length - 1
     if source_span[1] > limit or target_span[1] > limit:
         raise PromptError(f"The edited word lies beyond the {limit - 1} tokens the text encoder sees; shorten the prompt.")
@@ -119,6 +138,57 @@ def _diff_words(source_prompt: str, target_prompt: str, source_word: Optional[st
         "The target prompt is the source prompt: nothing marks the word to edit. Give a different target "
         "prompt, a task such as 'cat2dog', or name the word with source_word / --source-word."
     )
+
+
+def _leading_phrase(prompt: str, words: str) -> Optional[re.Match]:
+    """The first occurrence of ``words`` as one phrase, else of its longest leading run of words
+    that occurs (bracket groups apart, "[red] car with [blue] wheels", are joined as "red blue")."""
+    parts = words.split()
+    for k in range(len(parts), 0, -1):
+        match = P.find_word(prompt, " ".join(parts[:k]))
+        if match is not None:
+            return match
+    return None
+
+
+def _explicit_words(source_prompt: str, target_prompt: str, source_word: Optional[str], target_words: str,
+                    hints: Sequence[str]) -> tuple[str, str, Optional[re.Match], list[str]]:
+    """(source word, target text, match of the target text in the target prompt or None, warnings)
+    for explicitly given edited words.
+
+    Source: ``source_word`` (or its longest leading run that occurs in the source prompt); if none
+    (an addition): ``hints[0]`` if it occurs there, else the first differing word. Target: the
+    target words in the target prompt; if none (a deletion): ``hints[1]`` if it occurs there, else
+    None (the caller puts the span at the source word's position). Each fallback adds a warning.
+    """
+    warnings = []
+    hints = tuple(hints) + ("", "")
+    given = " ".join((source_word or "").split())
+    none = f"no source words {'found' if given else 'marked'}"
+    found = _leading_phrase(source_prompt, given) if given else None
+    if found is not None:
+        if found.group(0).lower().split() != given.lower().split():
+            warnings.append(f"the source words {given!r} do not occur together; editing {found.group(0)!r}.")
+        source = found.group(0)
+    elif hints[0] and P.find_word(source_prompt, hints[0]) is not None:
+        source = P.find_word(source_prompt, hints[0]).group(0)
+        warnings.append(f"{none}; editing {source!r} (the blended word).")
+    else:
+        source = _diff_words(source_prompt, target_prompt, None)[0]
+        warnings.append(f"{none}; editing the first differing word {source!r}.")
+    wanted = " ".join(target_words.split())
+    none = f"no target words {'found' if wanted else 'marked'}"
+    found = _leading_phrase(target_prompt, wanted) if wanted else None
+    if found is not None and found.group(0).lower().split() != wanted.lower().split():
+        warnings.append(f"the target words {wanted!r} do not occur together; using {found.group(0)!r}.")
+    if found is None and hints[1]:
+        found = P.find_word(target_prompt, hints[1])
+        if found is not None:
+            warnings.append(f"{none}; using {found.group(0)!r} (the blended word).")
+    if found is None:
+        warnings.append(f"{none}; the target span sits at the source word's position.")
+        return source, "", None, warnings
+    return source, found.group(0), found, warnings
 
 
 def _span_arrays(spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
