@@ -253,9 +253,18 @@ def run_dataset(args) -> int:
             raise CSGError("--images goes with --manifest mapping_file.json (PIE-Bench)")
         items = scan_folder(args.input_dir, args.prompt, args.task, args.target_prompt, args.source_word)
     pipe, model_info, load_s = _load_pipeline(args, config)
+    gen_config = None
+    if any(it.generate for it in items):  # the flags given keep their values for generated items too
+        from csg_jax.editing import schema
+        from csg_jax.editing.generate import generation_config
+
+        try:
+            gen_config = generation_config(config, tuple(schema.given_arguments(args)))
+        except CSGError as e:  # (each generated item then records it)
+            items = [it.with_error(str(e)) if it.generate and it.error is None else it for it in items]
     run = DatasetRun(pipe, items, config, args.out, batch_size=args.batch_size, size=args.size,
                      save_inversion=args.save_inversion, save_latents=args.save_latents, quiet=args.quiet,
-                     model_info=model_info, load_s=load_s)
+                     model_info=model_info, load_s=load_s, generate_config=gen_config)
     summary = run.run()
     if jax.process_index() == 0:
         print(format_summary(summary), flush=True)

@@ -39,6 +39,23 @@ def test_generate_samples_from_the_seed_and_edits_from_the_same_x_T(tmp_path):
     meta = json.loads((a / "meta.json").read_text())
     assert meta["image"]["generated"] == {"prompt": "a red circle on a blue background", "seed": 7}
     assert meta["settings"]["negative_prompt"] == "empty"  # the official script's negative prompt
+    assert meta["settings"]["posterior_guidance"] == 0.1  # the official script's default
+
+    # dataset mode: a manifest item with "generate" and its seed gives the single-image CLI's edit
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "g7", "generate": True, "prompt": "a red circle on a blue background", "task": "red2green",
+             "seed": 7},
+            {"id": "both", "generate": True, "image": "x.png", "prompt": "a red circle", "task": "red2green"}]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "ds"
+    rc = main(["--manifest", str(manifest), "--method", "ddim", "--steps", "3", "--guidance-scale", "5",
+               "--out", str(out), "--quiet"])
+    assert rc == 3  # one item failed
+    results = {json.loads(l)["id"]: json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()}
+    assert results["g7"]["status"] == "ok" and "not both" in results["both"]["error"]
+    for name in ("source.png", "edit.png"):
+        got = np.asarray(Image.open(out / "g7" / name), np.int16)
+        assert np.abs(got - np.asarray(Image.open(a / name), np.int16)).max() <= 1, name
 
 
 def test_generate_refuses_an_inversion_and_an_image(tmp_path, capsys):

@@ -23,10 +23,12 @@ class Bucket:
     sample: bool
     hw: tuple[int, int]
     constants: tuple = ()  # settings one batch shares (baselines' knobs): ((name, value), ...)
+    generate: bool = False  # generated sources (x_T in, no inversion): another program
 
     def label(self) -> str:
         c = self.config
-        return f"{self.hw[0]}x{self.hw[1]} {c.method} {c.num_steps} steps" + (" sample" if self.sample else "")
+        return (f"{self.hw[0]}x{self.hw[1]} {c.method} {c.num_steps} steps" + (" sample" if self.sample else "")
+                + (" generate" if self.generate else ""))
 
 
 @dataclasses.dataclass
@@ -57,7 +59,8 @@ def plan_batches(entries: Iterable[tuple[Item, Any, tuple[int, int]]], global_ba
     into batches of at most ``global_batch`` items (manifest order inside a bucket)."""
     buckets: dict[Bucket, list] = {}
     for item, config, hw in entries:
-        key = Bucket(config.static(), config.encode == "sample", tuple(hw), batch_constants(config))
+        key = Bucket(config.static(), config.encode == "sample" and not item.generate, tuple(hw),
+                     batch_constants(config), item.generate)
         buckets.setdefault(key, []).append((item, config))
     batches = []
     for key, members in buckets.items():

@@ -14,10 +14,11 @@ import os
 import re
 from typing import Any, Optional, Sequence
 
+from csg_jax.editing.schema import as_bool as schema_bool
 from csg_jax.errors import ConfigError, CSGError, PromptError
 from csg_jax.io import IMAGE_EXTENSIONS
 
-ITEM_FIELDS = ("id", "image", "prompt", "task", "target_prompt", "source_word")
+ITEM_FIELDS = ("id", "image", "prompt", "task", "target_prompt", "source_word", "generate")
 PIPELINE_WIDE = ("dtype",)  # fixed by the loaded pipeline: cannot vary per item
 _ID_OK = re.compile(r"^[^/\\\x00-\x1f.][^/\\\x00-\x1f]{0,199}$")
 
@@ -41,6 +42,7 @@ class Item:
     target_words: Optional[str] = None
     word_hints: tuple = ()  # (source word, target word) to fall back on (PIE-Bench's blended_word)
     extra: tuple = ()  # ((key, value), ...): metadata copied into results.jsonl and meta.json
+    generate: bool = False  # no image: sample the source from the item's seed on its prompt, then edit it
 
     def with_error(self, message: str) -> "Item":
         return dataclasses.replace(self, error=message)
@@ -76,10 +78,16 @@ def _item_from_record(index: int, line: int, rec: Any, base_dir: str, where: str
             continue
         overrides[EditConfig.canonical_name(k)] = v
     fields["overrides"] = tuple(sorted(overrides.items()))
-    item = Item(**fields)
     problems = []
-    if image is None:
-        problems.append("no 'image'")
+    try:
+        fields["generate"] = schema_bool(rec.get("generate", False))
+    except ValueError:
+        problems.append(f"'generate' must be true or false, got {rec.get('generate')!r}")
+    item = Item(**fields)
+    if item.generate and image is not None:
+        problems.append("give 'image' or 'generate': true, not both")
+    elif image is None and not item.generate and not problems:
+        problems.append("no 'image' (or 'generate': true to edit a generated image)")
     if not item.prompt:
         problems.append("no 'prompt'")
     if (item.task is None) == (item.target_prompt is None):

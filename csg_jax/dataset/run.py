@@ -31,8 +31,8 @@ class Prepared:
 
     item: Item
     config: Any
-    image: np.ndarray  # (H, W, 3) float32 in [-1, 1]
-    source_unit: np.ndarray  # (H, W, 3) in [0, 1] (the grid's source panel)
+    image: np.ndarray  # (H, W, 3) float32 in [-1, 1]; a generated item's x_T (h, w, C)
+    source_unit: Optional[np.ndarray]  # (H, W, 3) in [0, 1] (the grid's source panel); None: generated
     notices: list
     plan: Any  # PromptPlan
     prompts: Any  # csg.Prompts of this item alone, numpy, source columns padded to SPAN_WIDTH
@@ -70,7 +70,8 @@ def _dummy(pipe, bucket: Bucket, config) -> Prepared:
     n = pipe.max_length
     plan = PromptPlan("", "", "", "", "", (1, 2), (1, 2), tuple(range(n)))
     h, w = bucket.hw
-    return Prepared(Item(-1, 0, "<padding>"), config, np.zeros((h, w, 3), np.float32), np.zeros((h, w, 3), np.float32),
+    shape = (h // pipe.downsample, w // pipe.downsample, pipe.unet.config.in_channels) if bucket.generate else (h, w, 3)
+    return Prepared(Item(-1, 0, "<padding>"), config, np.zeros(shape, np.float32), np.zeros((h, w, 3), np.float32),
                     [], plan, _pad_columns(batch_prompts(pipe, [plan]), SPAN_WIDTH), np.zeros(2, np.uint32), 0.0)
 
 
@@ -79,7 +80,10 @@ class DatasetRun:
 
     def __init__(self, pipe, items: Sequence[Item], base_config, out: str, *, batch_size: int = 1,
                  size: Optional[int] = None, save_inversion: bool = False, save_latents: bool = False,
-                 quiet: bool = False, model_info: Optional[dict] = None, load_s: float = 0.0, log=None):
+                 quiet: bool = False, model_info: Optional[dict] = None, load_s: float = 0.0, log=None,
+                 generate_config=None):
+        """``generate_config``: the base config of ``generate`` items (default
+        :func:`~csg_jax.editing.generate.generation_config` of ``base_config``)."""
         import jax
         from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -88,6 +92,7 @@ class DatasetRun:
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
         self.pipe, self.items, self.base_config = pipe, list(items), base_config
+        self.generate_config = generate_config
         self.out = os.path.abspath(out)
         self.batch_size, self.save_inversion, self.save_latents = batch_size, save_inversion, save_latents
         self.multiple = image_multiple(pipe)
@@ -117,8 +122,11 @@ class DatasetRun:
                 errors.append(it)
                 continue
             try:
-                config = item_config(self.base_config, it)
-                hw = _fitted_size_cached(it.image, self.size, self.multiple)
+                if it.generate:
+                    config, hw = self._generated_config(it), (self.size - self.size % self.multiple,) * 2
+                else:
+                    config = item_config(self.base_config, it)
+                    hw = _fitted_size_cached(it.image, self.size, self.multiple)
             except CSGError as e:
                 errors.append(it.with_error(str(e)))
                 continue
@@ -126,20 +134,36 @@ class DatasetRun:
         return plan_batches(entries, self.global_batch), errors, skipped
 
     # -- per host --------------------------------------------------------------------------------------
+    def _generated_config(self, item: Item):
+        """A generated item's config: the generation defaults under the item's own settings."""
+        from csg_jax.editing.generate import generation_config
+
+        if self.generate_config is None:
+            self.generate_config = generation_config(self.base_config)
+        given = tuple(k for k, _ in item.overrides) + ("posterior_guidance",)  # (its default is in generate_config)
+        return generation_config(item_config(self.generate_config, item), given)
+
     def _prepare_item(self, item: Item, config) -> Prepared:
         import jax
 
         from csg_jax import io
         from csg_jax.editing.editor import plan_prompts, prepare_prompts, to_model_range, to_unit_range
+        from csg_jax.editing.generate import initial_noise
 
         t0 = time.perf_counter()
-        image, notices = io.load_image(item.image, self.size, self.multiple)
-        x = to_model_range(image)
+        if item.generate:  # the "image" is x_T (h, w, C); the source is the sample, known after the run
+            side = (self.size - self.size % self.multiple) // self.pipe.downsample
+            x = np.asarray(initial_noise(config.seed, (side, side), self.pipe.unet.config.in_channels)[0])
+            image, notices = None, []
+        else:
+            image, notices = io.load_image(item.image, self.size, self.multiple)
+            x = to_model_range(image)
         plan = plan_prompts(self.pipe, item.prompt, item.task, item.target_prompt, item.source_word,
                             config.negative_prompt, target_words=item.target_words, word_hints=item.word_hints)
         prompts = _pad_columns(prepare_prompts(self.pipe, [plan], config), SPAN_WIDTH)
         key = np.asarray(jax.random.PRNGKey(config.seed), np.uint32)
-        return Prepared(item, config, x, to_unit_range(x), notices, plan, prompts, key, time.perf_counter() - t0)
+        unit = None if item.generate else to_unit_range(x)
+        return Prepared(item, config, x, unit, notices, plan, prompts, key, time.perf_counter() - t0)
 
     def _prepare(self, batch: Batch):
         """Load and plan this host's rows of ``batch``; returns (device inputs, rows, errors)."""
@@ -181,8 +205,11 @@ class DatasetRun:
         method_knobs = jax.tree.map(replicate, method_knobs_of(config))
         rng = replicate(np.asarray(jax.random.PRNGKey(config.seed), np.uint32)) \
             if config.noise_regularization else None
-        inputs = (put(images), None if keys is None else put(keys), jax.tree.map(put, prompts), jax.tree.map(put, knobs),
-                  method_knobs, rng)
+        if batch.bucket.generate:  # (x_T, prompts, knobs, method knobs): Editor.generate_program
+            inputs = (put(images), jax.tree.map(put, prompts), jax.tree.map(put, knobs), method_knobs)
+        else:
+            inputs = (put(images), None if keys is None else put(keys), jax.tree.map(put, prompts),
+                      jax.tree.map(put, knobs), method_knobs, rng)
         owned = [(r, p) for r, p in zip(range(self.lo, self.hi), rows) if r < n_real and p is not None]
         return inputs, owned, errors
 
@@ -206,7 +233,9 @@ class DatasetRun:
             result = EditResult(
                 plan=p.plan, inverted=local["inverted"][i], reconstruction_latent=local["reconstruction"][i],
                 edited_latent=local["edited"][i], mask_raw=local["mask_raw"][i], mask=local["mask"][i],
-                source_image=p.source_unit, reconstruction=to_unit_range(local["reconstruction_image"][i]),
+                source_image=(to_unit_range(local["reconstruction_image"][i]) if p.source_unit is None
+                              else p.source_unit),
+                reconstruction=to_unit_range(local["reconstruction_image"][i]),
                 edit=to_unit_range(local["edit_image"][i]), timings=timings,
                 unet_evaluations=batch_editor.unet_evaluations(self.batch_size),
                 **{k: local[k][i] for k in ("null_embeddings", "null_text_iterations") if k in local})
@@ -214,9 +243,11 @@ class DatasetRun:
                 paths = write_item_outputs(
                     os.path.join(self.out, p.item.id), result, p.config, model_info=self.model_info,
                     image_info={"path": p.item.image, "demo": False, "notices": p.notices, "inversion_file": None,
-                                "size": list(batch.bucket.hw)},
+                                "size": list(batch.bucket.hw),
+                                **({"generated": {"prompt": p.item.prompt, "seed": p.config.seed}}
+                                   if p.item.generate else {})},
                     timings={"load_model": self.load_s, **timings}, save_inversion=self.save_inversion,
-                    save_latents=self.save_latents,
+                    save_latents=self.save_latents, source_png=p.item.generate,
                     extra_meta={"dataset": _with_extra({"id": p.item.id, "line": p.item.line, "index": p.item.index,
                                                         "batch": batch.number, "bucket": batch.bucket.label(),
                                                         "global_batch": self.global_batch, "devices": self.mesh.size},
@@ -274,7 +305,8 @@ class DatasetRun:
             for batch in batches:
                 try:
                     latent_hw = tuple(s // self.pipe.downsample for s in batch.bucket.hw)
-                    fn = batch_fn(get_editor(self.pipe, batch.items[0][1], latent_hw), self.mesh, batch.bucket.sample)
+                    fn = batch_fn(get_editor(self.pipe, batch.items[0][1], latent_hw), self.mesh, batch.bucket.sample,
+                                  batch.bucket.generate)
                     inputs, owned, errors = self._prepare(batch)
                 except Exception as e:  # the bucket's settings are unusable (e.g. mask_res), or out of host memory
                     inputs, errors = None, []

@@ -67,20 +67,25 @@ def _local_rows_of(arr) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def batch_fn(editor, mesh, sample: bool):
+def batch_fn(editor, mesh, sample: bool, generate: bool = False):
     """``jit(shard_map(editor.program))`` over ``mesh``'s "data" axis: each device runs exactly
     the single-device :meth:`~csg_jax.editing.editor.Editor.program` on its rows.
 
     ``f(params, images (G, H, W, 3), keys (G, 2) | None, prompts (G, ...), knobs (G,), method_knobs
     (scalars) | None, rng (2,) | None)`` -> the program's dict of (G, ...) arrays (``method_knobs``
     and ``rng``, the noise-regularisation key, are replicated). Held by the editor, per mesh.
+    ``generate``: :meth:`~csg_jax.editing.editor.Editor.generate_program` instead, ``f(params,
+    x_T (G, h, w, C), prompts, knobs, method_knobs)``.
     """
     import jax
     from jax.sharding import PartitionSpec as P
 
     def make():
         data = P("data")
+        if generate:
+            return jax.jit(jax.shard_map(editor.generate_program, mesh=mesh, in_specs=(P(), data, data, data, P()),
+                                         out_specs=data, check_vma=False))
         return jax.jit(jax.shard_map(editor.program, mesh=mesh, in_specs=(P(), data, data, data, data, P(), P()),
                                      out_specs=data, check_vma=False))
 
-    return editor.sharded((sample, tuple(d.id for d in mesh.devices.flat)), make)
+    return editor.sharded((sample, generate, tuple(d.id for d in mesh.devices.flat)), make)

@@ -153,6 +153,17 @@ class Editor:
         return self._stages(lambda name, *args: impls[name](*_trim(*args)), params, images, keys, prompts, knobs,
                             extra_knobs, rng)
 
+    def generate_program(self, params, x_T, prompts: Prompts, knobs: Knobs, extra_knobs=None) -> dict:
+        """:meth:`program` for generated sources (:mod:`csg_jax.editing.generate`): from x_T
+        (B, h, w, C), CFG with ``prompts.negative`` (the empty prompt) at every step, no inversion;
+        ``reconstruction_image`` is the generated source."""
+        from csg_jax.editing.generate import empty_uncond
+
+        impls = {"edit": self._edit_impl, "decode": self._decode_impl}
+        uncond = empty_uncond(prompts, self.config.num_steps)
+        return self._stages(lambda name, *args: impls[name](*_trim(*args)), params, None, None, prompts, knobs,
+                            extra_knobs, None, x_T, uncond)
+
     def jitted(self, stage: str):
         """The jit-compiled ``stage`` (one of :data:`STAGES`; "program" is :meth:`program`)."""
         return self._jitted[stage]

@@ -10,7 +10,9 @@ A plug-in module exports the same small surface (:mod:`csg_jax.editing.ddim` is 
 * ``plan(pipe, latent_hw, layers, config)`` -- what the compiled edit needs to know about the
   layers (static; ``layers`` is the shared :class:`~csg_jax.editing.core.LayerPlan`);
 * ``edit(run, x_T, prompts, knobs, method_knobs, uncond) -> EditOutputs`` -- the traced edit,
-  ``run`` an :class:`~csg_jax.editing.core.EditRun`;
+  ``run`` an :class:`~csg_jax.editing.core.EditRun`; with Direct Inversion ``run.source_path``
+  holds the latents the method's source branch ends each step on (:func:`~csg_jax.editing.core.follow`);
+  a plug-in that ignores it edits as after a standard inversion;
 * ``unet_evaluations(config, stored_maps) -> {"source": n, "target": n}`` per image and step.
 
 Adding a method is one module plus one line in :data:`METHODS` (or :func:`register` at run time,

@@ -102,8 +102,8 @@ def format_table(result: dict) -> str:
         cells = [r["method"], r["inversion"]] + [f"{r[c]:.2f}" for c in cols]
         cells += [f"{r['target_acc']:.1f}", f"{r['kept_acc']:.1f}", str(r["n"])]
         lines.append("| " + " | ".join(cells) + " |")
-    skipped = result["pie"].get("skipped") or {}
-    if skipped:
-        lines.append("")
-        lines += [f"- {k}: skipped ({v})" for k, v in skipped.items()]
+    missing = [c[1] for c in PIE_COLUMNS if c[0] not in cols]
+    if missing:
+        lines += ["", f"Not computed (their networks' weights were not given: --dino, --squeeze + --lpips, --clip): "
+                      f"{', '.join(missing)}."]
     return "\n".join(lines)
