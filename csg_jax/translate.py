@@ -25,7 +25,13 @@ from csg_jax.errors import run_guarded
 
 from csg_jax.model_zoo import DEMO_PROMPT, DEMO_TASK, SHAPES_MODEL, demo_image, resolve_model
 
-INVERSION_KINDS = ("standard", "official", "null-text", "direct")  # = EditConfig.inversion's choices (a test checks)
+
+
+def inversion_kinds() -> tuple:
+    """The choices of the ``inversion`` setting (``--inversion KIND`` takes them)."""
+    from csg_jax.editing.config import EditConfig
+
+    return {f.name: f for f in dataclasses.fields(EditConfig)}["inversion"].metadata["choices"]
 
 
 def _settings_titles() -> dict:
@@ -59,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--target-prompt", help="the full target prompt (instead of --task)")
     src.add_argument("--source-word", help="word of the source prompt to edit (only with --target-prompt; default: first differing word)")
     src.add_argument("--inversion", metavar="KIND|FILE.npy",
-                     help=f"an inversion kind ({', '.join(INVERSION_KINDS)}; same as --inversion-variant), or an "
+                     help=f"an inversion kind ({', '.join(inversion_kinds())}; same as --inversion-variant), or an "
                           "inverted latent saved with --save-inversion to edit again")
     src.add_argument("--generate", metavar="PROMPT",
                      help="edit a generated image: sample the source from x_T (drawn from --seed) on PROMPT, then "
@@ -107,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _split_inversion(args) -> None:
     """``--inversion KIND`` (a setting: ``args.inversion_kind``) apart from ``--inversion FILE.npy``
     (a saved x_T: ``args.inversion``)."""
-    kind = args.inversion if getattr(args, "inversion", None) in INVERSION_KINDS else None
+    kind = args.inversion if getattr(args, "inversion", None) in inversion_kinds() else None
     args.inversion_kind = kind
     if kind:
         args.inversion = None

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csg_jax.translate import INVERSION_KINDS, main
+from csg_jax.translate import main
 
 
 def _gen(tmp_path, name, *extra):
@@ -65,11 +65,3 @@ def test_generate_refuses_an_inversion_and_an_image(tmp_path, capsys):
     rc = main(["--generate", "a red circle", "--task", "red2green", "--image", "a.png", "--out", str(tmp_path / "y")])
     assert rc == 2 and "replaces --image" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
-
-
-def test_inversion_kinds_are_the_settings_choices():
-    from csg_jax.editing.config import EditConfig
-    import dataclasses
-
-    field = {f.name: f for f in dataclasses.fields(EditConfig)}["inversion"]
-    assert tuple(field.metadata["choices"]) == INVERSION_KINDS
