@@ -403,14 +403,25 @@ def test_stored_source_maps_give_the_recomputed_edit(pipe, editor, csg_outputs, 
 def test_target_pass_with_the_reference_maps_is_the_recomputed_one(target_pass_fn, pipe, schedule, layer_plan, x_T,
                                                                    prompts, reference_source):
     """csg.target_pass reading stored maps (here: the reference source pass's recorded
-    probabilities, stacked per step) gives the edit of the recompute path."""
+    probabilities, stacked per step) gives the edit of the recompute path.
+
+    Tolerance: the same mechanism, and so the same bound, as the test above. The maps come from
+    a batch-1 UNet call here and from the target's batch-3 call there, and this random model's
+    4 steps amplify float32 rounding beyond 1e-5 of the latents' scale. Measured on the 2-core
+    AMD EPYC box: stored vs recomputed 1.2e-5; the recompute path alone moves by 1.3e-5 when
+    x_T is scaled by (1 + 1e-7), i.e. one or two ulps, and by 1.7e-5 when the maps get a 1e-7
+    relative noise. Maps one step off move the edit by 0.58 of the scale (asserted below)."""
     ref = reference_source
     maps = {l.name: jnp.stack([p[l.name] for p in ref["probs"]]) for l in layer_plan.cross_layers}
     stored = _source_result(ref)._replace(cross_maps=maps)
     fn = jax.jit(lambda params, x, p, s, k: csg.target_pass(pipe, params, x, p, s, schedule, layer_plan, CONFIG, k))
     with_maps = np.asarray(fn(pipe.params, x_T, prompts, stored, knobs()))
     recomputed = target_pass_fn("csg")(x_T, prompts, _source_result(ref), knobs())
-    assert np.abs(with_maps - recomputed).max() <= 1e-5 * np.abs(recomputed).max()
+    scale = np.abs(recomputed).max()
+    assert np.abs(with_maps - recomputed).max() <= 3e-5 * scale
+    # not vacuous: the stored maps are read, and per step (same compiled function, new values)
+    off = stored._replace(cross_maps={k: jnp.roll(v, 1, axis=0) for k, v in maps.items()})
+    assert np.abs(np.asarray(fn(pipe.params, x_T, prompts, off, knobs())) - recomputed).max() > 0.1 * scale
 
 
 def test_attention_store_size_and_budget():
