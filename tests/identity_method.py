@@ -27,5 +27,5 @@ def edit(run, x_T, prompts, knobs, method_knobs=None, uncond=None):
     return EditOutputs(source.reconstruction, source.reconstruction, source.mask_raw, source.mask)
 
 
-def unet_evaluations(config, stored_maps=False):
+def unet_evaluations(config, stored_maps=False, guided=False):
     return {"source": 1, "target": 0}

@@ -118,6 +118,17 @@ def test_unet_evaluation_counts():
     nt = per(method="ddim", inversion="null-text")
     assert nt["source"] == 2 and nt["null_text"] == 2 + 3 * 10
     assert costs.unet_evaluations(EditConfig(method="pix2pix-zero", num_steps=10)) == 10 * (1 + 1 + 9)
+    # where x_T comes from: an inversion file runs no inversion (nor null-text); a generated source
+    # runs none and samples with CFG (2 evaluations); N = 10
+    total = lambda source, **kw: costs.unet_evaluations(EditConfig(num_steps=10, **kw), source=source)
+    assert total("image", method="csg") == 10 + 10 * (1 + 5)
+    assert total("inverted", method="csg") == 10 * (1 + 5)
+    assert total("generated", method="csg") == 10 * (2 + 5)
+    assert total("inverted", method="csg", inversion="null-text") == 10 * (2 + 5)
+    assert total("generated", method="pix2pix-zero") == 10 * (2 + 2 + 6 + 2)
+    assert total("generated", method="p2p") == 10 * (2 + 2)
+    with pytest.raises(ValueError, match="source"):
+        total("photo", method="csg")
 
 
 def test_p2p_step_counts_follow_p2p_rounding():

@@ -40,6 +40,9 @@ def test_generate_samples_from_the_seed_and_edits_from_the_same_x_T(tmp_path):
     assert meta["image"]["generated"] == {"prompt": "a red circle on a blue background", "seed": 7}
     assert meta["settings"]["negative_prompt"] == "empty"  # the official script's negative prompt
     assert meta["settings"]["posterior_guidance"] == 0.1  # the official script's default
+    # no inversion ran; the source was sampled with CFG (cond + empty prompt): 2 per step
+    assert meta["unet_evaluations"]["per_step"] == {"inversion": 0, "source": 2, "target": 2}
+    assert meta["unet_evaluations"]["total"] == 3 * (2 + 2)
 
     # dataset mode: a manifest item with "generate" and its seed gives the single-image CLI's edit
     manifest = tmp_path / "m.jsonl"
@@ -56,6 +59,7 @@ def test_generate_samples_from_the_seed_and_edits_from_the_same_x_T(tmp_path):
     for name in ("source.png", "edit.png"):
         got = np.asarray(Image.open(out / "g7" / name), np.int16)
         assert np.abs(got - np.asarray(Image.open(a / name), np.int16)).max() <= 1, name
+    assert json.loads((out / "g7" / "meta.json").read_text())["unet_evaluations"]["per_step"]["inversion"] == 0
 
 
 def test_generate_refuses_an_inversion_and_an_image(tmp_path, capsys):

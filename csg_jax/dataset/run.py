@@ -237,7 +237,8 @@ class DatasetRun:
                               else p.source_unit),
                 reconstruction=to_unit_range(local["reconstruction_image"][i]),
                 edit=to_unit_range(local["edit_image"][i]), timings=timings,
-                unet_evaluations=batch_editor.unet_evaluations(self.batch_size),
+                unet_evaluations=batch_editor.unet_evaluations(self.batch_size,
+                                                               "generated" if p.item.generate else "image"),
                 **{k: local[k][i] for k in ("null_embeddings", "null_text_iterations") if k in local})
             try:
                 paths = write_item_outputs(

@@ -93,13 +93,13 @@ def source_maps_bytes(layers: LayerPlan, batch: int, num_steps: int, dtype, toke
     return int(num_steps * batch * per * tokens * jnp.dtype(dtype).itemsize)
 
 
-def unet_evaluations(config, stored_maps: bool = False) -> dict:
-    """Per image and step: the source pass 1 (2 when guided by per-step null-text embeddings);
+def unet_evaluations(config, stored_maps: bool = False, guided: bool = False) -> dict:
+    """Per image and step: the source pass 1 (2 when ``guided``: CFG with per-step negatives);
     the target pass 2 (CFG), 3 with the single-pass mixup, 5 with the two-pass one (4 when it
     reads the source pass's stored maps)."""
     mixup = config.csg.mixup
     target = {"none": 2, "single-pass": 3}.get(mixup, 4 if stored_maps else 5)
-    return {"source": 2 if config.inversion == "null-text" else 1, "target": target}
+    return {"source": 2 if guided else 1, "target": target}
 
 
 def mixup_weights(mask: jax.Array, layers: LayerPlan) -> dict:

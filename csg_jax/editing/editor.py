@@ -184,11 +184,12 @@ class Editor:
         hook = getattr(self.method, "store_source_maps", None)
         return bool(hook and hook(self.config, self.layers, batch, self.pipe.unet.dtype))
 
-    def unet_evaluations(self, batch: int = 1) -> dict:
-        """{"per_step": {phase: evaluations per image}, "total": per image} of this editor's edits."""
+    def unet_evaluations(self, batch: int = 1, source: str = "image") -> dict:
+        """{"per_step": {phase: evaluations per image}, "total": per image} of this editor's edits;
+        ``source``: where x_T comes from (:data:`costs.SOURCES`)."""
         stored = self.stores_source_maps(batch)
-        return {"per_step": costs.unet_evaluations_per_step(self.config, stored),
-                "total": costs.unet_evaluations(self.config, stored)}
+        return {"per_step": costs.unet_evaluations_per_step(self.config, stored, source),
+                "total": costs.unet_evaluations(self.config, stored, source)}
 
     def _check(self, config: EditConfig):
         if config.static() != self.config:
@@ -366,5 +367,6 @@ def translate_image(pipe, image=None, prompt: str = "", task: Optional[str] = No
         null_embeddings=one("null_embeddings") if "null_embeddings" in out else (
             None if uncond is None else np.asarray(uncond[:, 0])),
         null_text_iterations=one("null_text_iterations") if "null_text_iterations" in out else None,
-        unet_evaluations=editor.unet_evaluations(1),
+        unet_evaluations=editor.unet_evaluations(
+            1, "image" if inverted is None else "generated" if uncond_fn is not None else "inverted"),
     )

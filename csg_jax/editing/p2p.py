@@ -157,8 +157,9 @@ def plan(pipe, latent_hw, layers: LayerPlan, config) -> "Layers":
     return plan_layers(pipe.unet.config, latent_hw, layers, config)
 
 
-def unet_evaluations(config, stored_maps: bool = False) -> dict:
-    """Per image and step: the source and the target branch, each with CFG (one batched call)."""
+def unet_evaluations(config, stored_maps: bool = False, guided: bool = False) -> dict:
+    """Per image and step: the source and the target branch, each with CFG (one batched call),
+    whatever ``guided``."""
     return {"source": 2, "target": 2}
 
 

@@ -102,10 +102,11 @@ def edit(run: EditRun, x_T, prompts: Prompts, knobs, p2pz_knobs: Knobs, uncond=N
     return EditOutputs(source.reconstruction, edited, source.mask_raw, source.mask)
 
 
-def unet_evaluations(config, stored_maps: bool = False) -> dict:
-    """Per image and step: the source pass (2 with per-step null-text embeddings), then reference
-    maps, the gradient on both CFG halves (1 + BACKWARD_COST each) and the edited prediction (2)."""
-    source = 2 if config.inversion == "null-text" else 1
+def unet_evaluations(config, stored_maps: bool = False, guided: bool = False) -> dict:
+    """Per image and step: the source pass (2 when ``guided``: CFG with per-step negatives), then
+    reference maps, the gradient on both CFG halves (1 + BACKWARD_COST each) and the edited
+    prediction (2)."""
+    source = 2 if guided else 1
     return {"source": source, "target": source + 2 * (1 + BACKWARD_COST) + 2}
 
 

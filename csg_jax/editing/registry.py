@@ -1,6 +1,6 @@
 """The editing methods: name -> plug-in module (and the settings a name implies).
 
-A plug-in module exports the same small surface (:mod:`csg_jax.editing.ddim` is the smallest):
+A plug-in module exports the same small surface (``tests/identity_method.py`` is the smallest):
 
 * ``Options`` -- a frozen dataclass of :func:`~csg_jax.editing.schema.knob` fields nested in
   :class:`~csg_jax.editing.config.EditConfig` under ``OPTIONS_KEY`` (or ``Options = None``);
@@ -13,7 +13,8 @@ A plug-in module exports the same small surface (:mod:`csg_jax.editing.ddim` is 
   ``run`` an :class:`~csg_jax.editing.core.EditRun`; with Direct Inversion ``run.source_path``
   holds the latents the method's source branch ends each step on (:func:`~csg_jax.editing.core.follow`);
   a plug-in that ignores it edits as after a standard inversion;
-* ``unet_evaluations(config, stored_maps) -> {"source": n, "target": n}`` per image and step.
+* ``unet_evaluations(config, stored_maps, guided) -> {"source": n, "target": n}`` per image and
+  step; ``guided``: the source pass is classifier-free guided by per-step negative contexts.
 
 Adding a method is one module plus one line in :data:`METHODS` (or :func:`register` at run time,
 for a plug-in without ``Options``). No other module tests a method's name.
