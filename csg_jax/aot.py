@@ -300,8 +300,13 @@ def _predict(seen: dict, budget: int, lo: int, hi: Optional[int]) -> int:
 
 # -- the programs -------------------------------------------------------------------------------------
 
-PROGRAMS = ("encode", "invert", "invert-official", "null-text", "edit:ddim", "edit:csg-no-mixup", "edit:csg",
-            "edit:p2p", "edit:pix2pix-zero", "decode", "dataset:csg")
+PROGRAMS = ("encode", "invert", "invert-official", "null-text", "invert-direct", "edit:ddim", "edit:csg-no-mixup",
+            "edit:csg", "edit:p2p", "edit:pix2pix-zero", "edit-direct:csg", "edit-direct:p2p",
+            "edit-direct:pix2pix-zero", "decode", "dataset:csg")
+# the inversion kind each program is compiled with (the rest: "standard"); edit-direct:<method> is
+# the edit after Direct Inversion, which also takes the inversion's (N, B, h, w, C) latents
+_INVERSION = {"invert-official": "official", "null-text": "null-text", "invert-direct": "direct",
+              "edit-direct": "direct"}
 
 
 def abstract_pipeline(configs: dict, dtype: Any, param_dtype: Any):
@@ -387,7 +392,7 @@ def build_program(program: str, pipe, setting: Setting, batch: int, devices: Seq
 
     kind, _, method = program.partition(":")
     config = EditConfig(method=method or "csg", num_steps=setting.steps, dtype=setting.dtype,
-                        inversion={"invert-official": "official", "null-text": "null-text"}.get(program, "standard"))
+                        inversion=_INVERSION.get(kind, _INVERSION.get(program, "standard")))
     side = setting.size // pipe.downsample
     editor = Editor(pipe, config, (side, side))
     c = pipe.unet.config.in_channels
@@ -415,6 +420,8 @@ def build_program(program: str, pipe, setting: Setting, batch: int, devices: Seq
         return editor.jitted("encode"), (params, a(images(batch)))
     if program in ("invert", "invert-official"):
         return editor.jitted("invert"), (params, a(latents(batch)), prompts.source)
+    if program == "invert-direct":
+        return editor.jitted("invert_direct"), (params, a(latents(batch)), prompts.source)
     if program == "null-text":
         return editor.jitted("null_text"), (params, a(latents(batch)), prompts, a(knobs))
     if program == "decode":  # the CLI decodes reconstruction and edit together
@@ -422,6 +429,10 @@ def build_program(program: str, pipe, setting: Setting, batch: int, devices: Seq
     if kind == "edit":
         args = (params, a(latents(batch)), prompts, a(knobs))
         return editor.jitted("edit"), args + ((a(extra),) if extra is not None else ())
+    if kind == "edit-direct":  # (..., extra_knobs, uncond, path) as Editor.program calls it
+        path = jax.ShapeDtypeStruct((setting.steps, batch, side, side, c), np.float32)
+        return editor.jitted("edit"), (params, a(latents(batch)), prompts, a(knobs),
+                                       None if extra is None else a(extra), None, a(path))
     raise ValueError(f"unknown program {program!r}; choose from {', '.join(PROGRAMS)}")
 
 

@@ -4,8 +4,9 @@
     python scripts/aot_report.py --target h100 --target v5e --size 512 --steps 50 --dtype bfloat16 \\
         --max-batch --json aot.json
 
-For each target and program (encode, invert, invert-official, null-text, edit:<method> for every
-method, decode, dataset:csg = the dataset mode's sharded batch over a 4-chip slice) it compiles
+For each target and program (encode, invert, invert-official, null-text, invert-direct,
+edit:<method> for every method, edit-direct:<method> after Direct Inversion for csg, p2p and
+pix2pix-zero, decode, dataset:csg = the dataset mode's sharded batch over a 4-chip slice) it compiles
 from abstract arguments (no weights are read), prints argument / temp / output GiB per chip,
 whether the program fits the chip (total <= --usable x its memory), and with --max-batch the
 largest batch per chip that fits (affine-guided bisection, a few compiles per program). A
@@ -187,7 +188,7 @@ def _steps_growth(program, pipe, setting, args, target, devices, res) -> dict:
                                target, devices, dump=False)
     side = args.size // pipe.downsample
     latent = side * side * pipe.unet.config.in_channels * 4  # float32 latent per image
-    keeps_trajectory = program.startswith(("edit:", "dataset:"))  # the source pass's x_t per step
+    keeps_trajectory = program.startswith(("edit:", "edit-direct:", "dataset:"))  # the source pass's x_t per step
     allowed = abs(args.steps - args.compare_steps) * args.batch * latent if keeps_trajectory else 0  # per chip
     return {"compare_steps": args.compare_steps, "compare_temp_bytes": other.temp_bytes if other.ok else None,
             "temp_growth_bytes": (res.temp_bytes - other.temp_bytes) if other.ok else None,

@@ -177,6 +177,23 @@ def _has(module):
     return importlib.util.find_spec(module) is not None
 
 
+def test_direct_inversion_programs_take_and_give_the_latents_of_every_step():
+    """invert-direct returns (x_T, the N latents) and edit-direct:<method> takes them (lowered only:
+    tracing, no compile); the latents are the one extra argument over the standard edit."""
+    pipe = aot.abstract_pipeline(aot.model_configs("tiny"), jnp.float32, jnp.float32)
+    setting = aot.Setting(size=32, steps=3, dtype="float32", param_dtype="float32")
+    path = (3, 1, 16, 16, 4)  # (N, B, h, w, C): the tiny VAE halves the 32 px side
+    fn, args = aot.build_program("invert-direct", pipe, setting, 1, jax.devices())
+    x_T, steps = fn.lower(*args).out_info
+    assert x_T.shape == (1, 16, 16, 4) and steps.shape == path
+    shapes = lambda program: [a.shape for a in jax.tree.leaves(aot.build_program(program, pipe, setting, 1,
+                                                                                  jax.devices())[1])]
+    direct, standard = shapes("edit-direct:p2p"), shapes("edit:p2p")
+    assert direct[-1] == path and direct[:-1] == standard
+    fn, args = aot.build_program("edit-direct:p2p", pipe, setting, 1, jax.devices())
+    assert fn.lower(*args).out_info["edited"].shape == (1, 16, 16, 4)
+
+
 @pytest.mark.parametrize("target,module", [("v5e", "libtpu"), ("h100", "jax_cuda12_plugin")])
 def test_deviceless_compile_of_the_tiny_edit(target, module, tmp_path):
     if not _has(module):
