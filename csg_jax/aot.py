@@ -303,8 +303,8 @@ def _predict(seen: dict, budget: int, lo: int, hi: Optional[int]) -> int:
 PROGRAMS = ("encode", "invert", "invert-official", "null-text", "invert-direct", "edit:ddim", "edit:csg-no-mixup",
             "edit:csg", "edit:p2p", "edit:pix2pix-zero", "edit-direct:csg", "edit-direct:p2p",
             "edit-direct:pix2pix-zero", "decode", "dataset:csg")
-# the inversion kind each program is compiled with (the rest: "standard"); edit-direct:<method> is
-# the edit after Direct Inversion, which also takes the inversion's (N, B, h, w, C) latents
+# the inversion kind a program (its name before ":") is compiled with (the rest: "standard");
+# edit-direct:<method> is the edit after Direct Inversion, which also takes its (N, B, h, w, C) latents
 _INVERSION = {"invert-official": "official", "null-text": "null-text", "invert-direct": "direct",
               "edit-direct": "direct"}
 
@@ -392,7 +392,7 @@ def build_program(program: str, pipe, setting: Setting, batch: int, devices: Seq
 
     kind, _, method = program.partition(":")
     config = EditConfig(method=method or "csg", num_steps=setting.steps, dtype=setting.dtype,
-                        inversion=_INVERSION.get(kind, _INVERSION.get(program, "standard")))
+                        inversion=_INVERSION.get(kind, "standard"))
     side = setting.size // pipe.downsample
     editor = Editor(pipe, config, (side, side))
     c = pipe.unet.config.in_channels
@@ -418,10 +418,9 @@ def build_program(program: str, pipe, setting: Setting, batch: int, devices: Seq
     prompts = a(_abstract_prompts(pipe, batch))
     if program == "encode":
         return editor.jitted("encode"), (params, a(images(batch)))
-    if program in ("invert", "invert-official"):
-        return editor.jitted("invert"), (params, a(latents(batch)), prompts.source)
-    if program == "invert-direct":
-        return editor.jitted("invert_direct"), (params, a(latents(batch)), prompts.source)
+    if program in ("invert", "invert-official", "invert-direct"):
+        stage = "invert_direct" if program == "invert-direct" else "invert"
+        return editor.jitted(stage), (params, a(latents(batch)), prompts.source)
     if program == "null-text":
         return editor.jitted("null_text"), (params, a(latents(batch)), prompts, a(knobs))
     if program == "decode":  # the CLI decodes reconstruction and edit together

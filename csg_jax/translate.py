@@ -26,7 +26,6 @@ from csg_jax.errors import run_guarded
 from csg_jax.model_zoo import DEMO_PROMPT, DEMO_TASK, SHAPES_MODEL, demo_image, resolve_model
 
 
-
 def inversion_kinds() -> tuple:
     """The choices of the ``inversion`` setting (``--inversion KIND`` takes them)."""
     from csg_jax.editing.config import EditConfig

@@ -123,7 +123,7 @@ class DatasetRun:
                 continue
             try:
                 if it.generate:
-                    config, hw = self._generated_config(it), (self.size - self.size % self.multiple,) * 2
+                    config, hw = self._generated_config(it), self._generated_hw()
                 else:
                     config = item_config(self.base_config, it)
                     hw = _fitted_size_cached(it.image, self.size, self.multiple)
@@ -134,6 +134,11 @@ class DatasetRun:
         return plan_batches(entries, self.global_batch), errors, skipped
 
     # -- per host --------------------------------------------------------------------------------------
+    def _generated_hw(self) -> tuple[int, int]:
+        """A generated item's image size: --size (square), down to the model's multiple."""
+        side = self.size - self.size % self.multiple
+        return side, side
+
     def _generated_config(self, item: Item):
         """A generated item's config: the generation defaults under the item's own settings."""
         from csg_jax.editing.generate import generation_config
@@ -152,8 +157,8 @@ class DatasetRun:
 
         t0 = time.perf_counter()
         if item.generate:  # the "image" is x_T (h, w, C); the source is the sample, known after the run
-            side = (self.size - self.size % self.multiple) // self.pipe.downsample
-            x = np.asarray(initial_noise(config.seed, (side, side), self.pipe.unet.config.in_channels)[0])
+            latent_hw = tuple(s // self.pipe.downsample for s in self._generated_hw())
+            x = np.asarray(initial_noise(config.seed, latent_hw, self.pipe.unet.config.in_channels)[0])
             image, notices = None, []
         else:
             image, notices = io.load_image(item.image, self.size, self.multiple)

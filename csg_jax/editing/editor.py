@@ -148,10 +148,7 @@ class Editor:
         reconstruction_image, edit_image ([-1, 1]); with null-text inversion null_embeddings
         (B, N, 77, D) and null_text_iterations (B, N).
         """
-        impls = {"encode": self._encode_impl, "invert": self._invert_impl, "null_text": self._null_text_impl,
-                 "invert_direct": self._invert_direct_impl, "edit": self._edit_impl, "decode": self._decode_impl}
-        return self._stages(lambda name, *args: impls[name](*_trim(*args)), params, images, keys, prompts, knobs,
-                            extra_knobs, rng)
+        return self._stages(self._inline, params, images, keys, prompts, knobs, extra_knobs, rng)
 
     def generate_program(self, params, x_T, prompts: Prompts, knobs: Knobs, extra_knobs=None) -> dict:
         """:meth:`program` for generated sources (:mod:`csg_jax.editing.generate`): from x_T
@@ -159,10 +156,14 @@ class Editor:
         ``reconstruction_image`` is the generated source."""
         from csg_jax.editing.generate import empty_uncond
 
-        impls = {"edit": self._edit_impl, "decode": self._decode_impl}
         uncond = empty_uncond(prompts, self.config.num_steps)
-        return self._stages(lambda name, *args: impls[name](*_trim(*args)), params, None, None, prompts, knobs,
-                            extra_knobs, None, x_T, uncond)
+        return self._stages(self._inline, params, None, None, prompts, knobs, extra_knobs, None, x_T, uncond)
+
+    def _inline(self, name: str, *args):
+        """Stage ``name`` traced inline (the whole-program functions above, under one jit / shard_map)."""
+        impls = {"encode": self._encode_impl, "invert": self._invert_impl, "null_text": self._null_text_impl,
+                 "invert_direct": self._invert_direct_impl, "edit": self._edit_impl, "decode": self._decode_impl}
+        return impls[name](*_trim(*args))
 
     def jitted(self, stage: str):
         """The jit-compiled ``stage`` (one of :data:`STAGES`; "program" is :meth:`program`)."""
